@@ -1,0 +1,230 @@
+"""``fp8lm.initialize``: one call that puts a model (and its optimizer) at a precision level.
+
+Levels (see README.md for the full table):
+
+* ``O0``: the BF16 baseline. Nothing is converted; the model's forward runs under BF16 autocast.
+* ``O1``: every eligible ``nn.Linear`` runs its three GEMMs in FP8 (``fp8lm.nn.Float8Linear``);
+  everything else (norms, attention, embeddings, the output head) runs under BF16 autocast.
+
+What "eligible" means, and the reasons reported for the layers that stay in high precision:
+
+* only modules whose type is exactly ``nn.Linear`` (a subclass may be read by code that bypasses
+  its forward, e.g. ``nn.MultiheadAttention``'s ``out_proj``): "not a plain nn.Linear";
+* both dimensions at least ``min_features`` (16): "too small";
+* not matched by ``exclude`` (``fnmatch`` patterns on module names, or a callable): "excluded";
+* not the output head (the layer producing vocabulary logits), unless ``fp8_head=True``:
+  "output head". The head is found by ``model.get_output_embeddings()`` where a model has it
+  (Hugging Face), else by the name ``lm_head``/``head``/``output``, else as the last linear
+  whose width equals an embedding's vocabulary.
+
+Conversion is in place: the same module objects, the same ``Parameter`` objects, the same
+``state_dict`` keys, so a BF16/FP32 checkpoint loads into a converted model and the optimizer
+built on the model keeps working. A module reachable under two names is converted once; a
+weight shared by two modules (tied embeddings) is never copied. The level's autocast is applied
+by forward hooks on the model itself: no global state, no patched torch functions, so models
+at different levels live side by side in one process.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from fp8lm.nn.linear import Float8Linear
+from fp8lm.scaling import Recipe, get_recipe
+
+__all__ = ["LEVELS", "initialize", "ConversionReport", "LayerDecision", "conversion_report"]
+
+LEVELS = ("O0", "O1")
+_HEAD_NAMES = ("lm_head", "head", "output")
+logger = logging.getLogger("fp8lm")
+
+
+@dataclass
+class LayerDecision:
+    """Where one linear layer's GEMMs run, and why."""
+
+    name: str
+    in_features: int
+    out_features: int
+    fp8: bool
+    reason: str
+
+
+@dataclass
+class ConversionReport:
+    """What ``initialize`` did to a model: one ``LayerDecision`` per linear-like module."""
+
+    level: str
+    recipe: Recipe | None
+    layers: list[LayerDecision] = field(default_factory=list)
+
+    @property
+    def fp8_layers(self) -> list[str]:
+        return [d.name for d in self.layers if d.fp8]
+
+    @property
+    def high_precision_layers(self) -> dict[str, str]:
+        return {d.name: d.reason for d in self.layers if not d.fp8}
+
+    def summary(self) -> str:
+        """A short human-readable account (the line ``initialize`` logs)."""
+        head = f"fp8lm {self.level}: {len(self.fp8_layers)} of {len(self.layers)} linear layers run in FP8"
+        if self.recipe is not None and self.level != "O0":
+            head += f" (recipe {self.recipe.scaling}, {self.recipe.fwd_format}/{self.recipe.grad_format})"
+        lines = [head]
+        for d in self.layers:
+            if not d.fp8:
+                lines.append(f"  high precision: {d.name} ({d.in_features}->{d.out_features}): {d.reason}")
+        return "\n".join(lines)
+
+
+def conversion_report(model: nn.Module) -> ConversionReport:
+    """The ``ConversionReport`` of a model returned by ``fp8lm.initialize``."""
+    report = getattr(model, "_fp8lm_report", None)
+    if report is None:
+        raise ValueError("this model was not initialized by fp8lm.initialize")
+    return report
+
+
+def initialize(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    level: str = "O1",
+    recipe: str | Recipe = "current",
+    exclude: Iterable[str] | Callable[[str, nn.Module], bool] | None = None,
+    fp8_head: bool = False,
+    min_features: int = 16,
+    verbose: bool = True,
+):
+    """Put ``model`` at precision ``level`` in place and return ``(model, optimizer)``.
+
+    Args:
+        model: any ``nn.Module``; converted in place and returned (the same object).
+        optimizer: a ``torch.optim.Optimizer`` over the model's parameters, or None.
+        level: "O0" (BF16 autocast baseline) or "O1" (FP8 GEMMs + BF16 autocast).
+        recipe: "current", "delayed" or an ``fp8lm.Recipe``.
+        exclude: module-name patterns (fnmatch, e.g. ``"layers.0.*"``) or a callable
+            ``(name, module) -> bool`` naming linear layers to keep in high precision.
+        fp8_head: also run the output head in FP8 (default: it stays in BF16).
+        min_features: linear layers with a dimension below this stay in high precision.
+        verbose: log the conversion summary (logger "fp8lm", level INFO).
+
+    Returns:
+        ``(model, optimizer)``; ``fp8lm.conversion_report(model)`` tells what ran where.
+    """
+    if level not in LEVELS:
+        raise ValueError(f"unknown level {level!r}; allowed: {', '.join(LEVELS)}")
+    recipe = get_recipe(recipe)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+    if getattr(model, "_fp8lm_report", None) is not None:
+        raise ValueError("model is already initialized by fp8lm (at level "
+                         f"{model._fp8lm_report.level}); initialize a fresh model instead")
+    exclude_fn = _exclude_fn(exclude, _linear_names(model))
+    report = ConversionReport(level, recipe)
+    decisions = _decide(model, exclude_fn, fp8_head, min_features)
+    for name, module, decision in decisions:
+        if decision.fp8 and level != "O0":
+            Float8Linear.from_linear(module, recipe)
+        else:
+            decision.fp8 = False
+            decision.reason = decision.reason or "level O0"
+        report.layers.append(decision)
+    _install_autocast(model)
+    model._fp8lm_report = report
+    if verbose:
+        logger.info(report.summary())
+    return model, optimizer
+
+
+def _linear_names(model: nn.Module) -> dict[str, nn.Module]:
+    """Every ``nn.Linear`` (or subclass) by its first qualified name (shared modules once)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _exclude_fn(exclude, linears: dict[str, nn.Module]) -> Callable[[str, nn.Module], bool]:
+    if exclude is None:
+        return lambda name, module: False
+    if callable(exclude):
+        return exclude
+    patterns = [exclude] if isinstance(exclude, str) else list(exclude)
+    if not all(isinstance(p, str) for p in patterns):
+        raise ValueError("exclude must be module-name patterns (str), a callable (name, module) -> bool, or None")
+    for p in patterns:
+        if not any(fnmatch.fnmatchcase(n, p) for n in linears):
+            some = ", ".join(list(linears)[:4])
+            raise ValueError(f"exclude pattern {p!r} matches no linear layer; names look like: {some}")
+    return lambda name, module: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _find_head(model: nn.Module, linears: dict[str, nn.Module]) -> nn.Module | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter):
+        try:
+            head = getter()
+        except (NotImplementedError, AttributeError):
+            head = None
+        if isinstance(head, nn.Linear):
+            return head
+    for name, m in linears.items():
+        if name.rsplit(".", 1)[-1] in _HEAD_NAMES:
+            return m
+    vocab = {m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)}
+    last = list(linears.values())[-1] if linears else None
+    return last if last is not None and last.out_features in vocab else None
+
+
+def _decide(model, exclude_fn, fp8_head: bool, min_features: int):
+    """Yield ``(name, module, LayerDecision)`` for every linear-like module, each module once."""
+    linears = _linear_names(model)
+    head = None if fp8_head else _find_head(model, linears)
+    out = []
+    for name, m in linears.items():
+        if type(m) is not nn.Linear:
+            reason = f"not a plain nn.Linear ({type(m).__name__})"
+        elif m is head:
+            reason = "output head"
+        elif exclude_fn(name, m):
+            reason = "excluded"
+        elif min(m.in_features, m.out_features) < min_features:
+            reason = f"too small (a dimension < {min_features})"
+        else:
+            reason = ""
+        out.append((name, m, LayerDecision(name, m.in_features, m.out_features, not reason, reason)))
+    return out
+
+
+class _AutocastHooks:
+    """Forward pre/post hooks that run the model's forward under BF16 autocast."""
+
+    def __init__(self):
+        self.stack = []
+
+    def enter(self, module, args, kwargs):
+        ctx = torch.autocast(_device_type(module, args, kwargs), dtype=torch.bfloat16)
+        ctx.__enter__()
+        self.stack.append(ctx)
+
+    def exit(self, module, args, kwargs, output):
+        self.stack.pop().__exit__(None, None, None)
+
+
+def _device_type(module: nn.Module, args, kwargs) -> str:
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a.device.type
+    p = next(module.parameters(), None)
+    return p.device.type if p is not None else "cpu"
+
+
+def _install_autocast(model: nn.Module) -> None:
+    hooks = _AutocastHooks()
+    model.register_forward_pre_hook(hooks.enter, with_kwargs=True)
+    model.register_forward_hook(hooks.exit, with_kwargs=True, always_call=True)

@@ -17,6 +17,10 @@ What "eligible" means, and the reasons reported for the layers that stay in high
   (Hugging Face), else by the name ``lm_head``/``head``/``output``, else as the last linear
   whose width equals an embedding's vocabulary.
 
+Linear layers that stay in high precision become ``fp8lm.nn.HighPrecisionLinear``: plain
+``F.linear`` on GPUs, and on CPUs a float32 GEMM on BF16-rounded operands that computes what the
+(software, several times slower) BF16 GEMM computes.
+
 Conversion is in place: the same module objects, the same ``Parameter`` objects, the same
 ``state_dict`` keys, so a BF16/FP32 checkpoint loads into a converted model and the optimizer
 built on the model keeps working. A module reachable under two names is converted once; a
@@ -34,6 +38,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from fp8lm.nn.bf16 import HighPrecisionLinear
 from fp8lm.nn.linear import Float8Linear
 from fp8lm.scaling import Recipe, get_recipe
 
@@ -136,6 +141,8 @@ def initialize(
         else:
             decision.fp8 = False
             decision.reason = decision.reason or "level O0"
+            if type(module) is nn.Linear:
+                HighPrecisionLinear.from_linear(module)
         report.layers.append(decision)
     _install_autocast(model)
     model._fp8lm_report = report

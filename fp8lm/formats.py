@@ -88,8 +88,9 @@ def scale_from_amax(amax_: torch.Tensor, fmt: Format, margin: int = 0, pow2: boo
 
 def quantize(x_hp: torch.Tensor, fmt: Format, scale: torch.Tensor) -> torch.Tensor:
     """Cast ``x_hp * scale`` to ``fmt`` with saturation; non-finite elements become NaN."""
-    x_scaled = (x_hp.float() * scale).clamp(-fmt.max, fmt.max)
-    x_scaled = torch.where(torch.isfinite(x_hp), x_scaled, torch.full_like(x_scaled, float("nan")))
+    x_f32 = x_hp.float()
+    x_scaled = (x_f32 * scale).clamp_(-fmt.max, fmt.max)
+    x_scaled += x_f32 - x_f32  # + 0 where x is finite, + NaN where it is inf or NaN
     return x_scaled.to(fmt.dtype)
 
 

@@ -53,7 +53,7 @@ def test_mlp_converted_in_place():
     out_model, out_opt = fp8lm.initialize(model, opt, level="O1", verbose=False)
     assert out_model is model and out_opt is opt
     assert isinstance(model.up, Float8Linear) and isinstance(model.down, Float8Linear)
-    assert type(model.tiny) is nn.Linear  # too small
+    assert not isinstance(model.tiny, Float8Linear)  # too small
     assert list(model.state_dict()) == keys
     assert [id(p) for p in model.parameters()] == params
     assert opt.param_groups[0]["weight_decay"] == 0.05
@@ -130,10 +130,10 @@ def test_shared_module_converted_once():
 
 def test_exclude_patterns_and_callable():
     m, _ = fp8lm.initialize(MLP(), level="O1", exclude=["do*"], verbose=False)
-    assert type(m.down) is nn.Linear and isinstance(m.up, Float8Linear)
+    assert not isinstance(m.down, Float8Linear) and isinstance(m.up, Float8Linear)
     assert fp8lm.conversion_report(m).high_precision_layers["down"] == "excluded"
     m, _ = fp8lm.initialize(MLP(), level="O1", exclude=lambda name, mod: name == "up", verbose=False)
-    assert type(m.up) is nn.Linear and isinstance(m.down, Float8Linear)
+    assert not isinstance(m.up, Float8Linear) and isinstance(m.down, Float8Linear)
 
 
 def test_two_models_two_levels_one_process():
@@ -176,3 +176,31 @@ def test_summary_is_logged_once(caplog):
     with caplog.at_level("INFO", logger="fp8lm"):
         fp8lm.initialize(MLP(), level="O1")
     assert sum("linear layers run in FP8" in r.message for r in caplog.records) == 1
+
+
+def test_high_precision_linear_matches_bf16_autocast(seed):
+    """The CPU's fast path computes what BF16 autocast's (slow, software) GEMM computes."""
+    from fp8lm.nn import HighPrecisionLinear
+    ref = nn.Linear(96, 80)
+    fast = HighPrecisionLinear.from_linear(copy.deepcopy(ref))
+    x = torch.randn(3, 37, 96)
+    g = torch.randn(3, 37, 80).bfloat16()
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_r, out_f = ref(xr), fast(xf)
+    assert out_f.dtype == out_r.dtype == torch.bfloat16
+    out_r.backward(g)
+    out_f.backward(g)
+    # same roundings; only the order of float32 additions may differ (one bf16 ulp at most)
+    for a, b in ((out_r, out_f), (xr.grad, xf.grad), (ref.weight.grad, fast.weight.grad), (ref.bias.grad, fast.bias.grad)):
+        assert sqnr_db(a.float(), b.float()) > 45
+    ulp = (out_r.float() - out_f.float()).abs() / out_r.float().abs().clamp_min(1e-3)
+    assert (ulp <= 2**-7).all()
+    assert torch.equal(fast(x), F.linear(x, fast.weight, fast.bias))  # outside autocast: plain F.linear
+
+
+def test_o0_keeps_every_linear_high_precision():
+    from fp8lm.nn import HighPrecisionLinear
+    model, _ = fp8lm.initialize(MLP(), level="O0", verbose=False)
+    assert all(isinstance(m, HighPrecisionLinear) for m in (model.up, model.down, model.tiny))
+    assert set(fp8lm.conversion_report(model).high_precision_layers.values()) == {"level O0", "too small (a dimension < 16)"}

@@ -81,3 +81,21 @@ def test_every_scaled_mm_call_of_a_training_step_is_cuda_legal(monkeypatch):
 def test_fp8_mm_refuses_mismatched_inner_dims():
     with pytest.raises(ScaledMMContractError, match="inner"):
         fp8_mm(_fp8(4, 47), ONE, _fp8(48, 16), ONE, torch.float32)
+
+
+def test_no_fp8_device_falls_back_to_emulation_with_one_warning(monkeypatch, seed):
+    import warnings
+
+    from fp8lm.ops import gemm
+    monkeypatch.setattr(gemm, "fp8_gemm_supported", lambda device: False)
+    gemm._warn_emulation.cache_clear()
+    monkeypatch.setattr(torch, "_scaled_mm", None)  # any real FP8 GEMM call would now fail
+    a_fp8, sa = quantize_dynamic(torch.randn(24, 40), "e4m3")
+    b_fp8, sb = quantize_dynamic(torch.randn(40, 24), "e4m3")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [fp8_mm(a_fp8, 1 / sa, b_fp8, 1 / sb, torch.float32) for _ in range(3)]
+    assert sum("emulated" in str(w.message) for w in caught) == 1
+    ref = dequantize(a_fp8, sa, torch.float64) @ dequantize(b_fp8, sb, torch.float64)
+    assert ((outs[0].double() - ref).norm() / ref.norm()) < 1e-5
+    gemm._warn_emulation.cache_clear()

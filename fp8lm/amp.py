@@ -135,7 +135,7 @@ def initialize(
     exclude_fn = _exclude_fn(exclude, _linear_names(model))
     report = ConversionReport(level, recipe)
     decisions = _decide(model, exclude_fn, fp8_head, min_features)
-    for name, module, decision in decisions:
+    for _, module, decision in decisions:
         if decision.fp8 and level != "O0":
             Float8Linear.from_linear(module, recipe)
         else:

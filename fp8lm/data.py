@@ -271,7 +271,7 @@ def _bpe_tokenize(train_docs: list[str], val_docs: list[str], fp: dict, vocab: i
             ids = np.load(ids_path[split])
         else:
             ids = np.fromiter((i for doc in tok.encode_batch(docs) for i in doc), dtype=np.int32)
-            _save_atomic(ids_path[split], lambda fh: np.save(fh, ids))
+            _save_atomic(ids_path[split], lambda fh, ids=ids: np.save(fh, ids))
         out.append(torch.from_numpy(ids.astype(np.int32, copy=False)))
     return tok, out[0], out[1]
 

@@ -25,7 +25,7 @@ The three GEMMs of one FP8 linear (``x`` is (M, K), ``w`` is (N, K))::
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -108,8 +108,3 @@ def update_history(history: torch.Tensor, amax_now: torch.Tensor) -> None:
     rolled[0] = amax_now
     finite = torch.isfinite(amax_now)
     history.copy_(torch.where(finite, rolled, torch.zeros_like(rolled)))
-
-
-def with_overrides(recipe: Recipe, **kw) -> Recipe:
-    """A copy of ``recipe`` with some fields replaced (validated again)."""
-    return replace(recipe, **kw)

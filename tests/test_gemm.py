@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import randn_heavy
-from fp8lm.formats import E4M3, E5M2, dequantize, quantize_dynamic
+from fp8lm.formats import dequantize, quantize_dynamic
 from fp8lm.ops import ScaledMMContractError, check_scaled_mm_args, fp8_mm
 
 ONE = torch.ones((), dtype=torch.float32)

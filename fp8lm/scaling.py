@@ -12,6 +12,10 @@ how each gets its scale (see ``formats.py`` for the cast itself):
   history, so the next step falls back to current scaling again. A tensor that suddenly grows
   saturates (clamps to ``fmt.max``, never inf) for one step; one that shrinks keeps a too-small
   scale for at most ``history_len`` steps.
+* ``static`` (unit scaling, arXiv 2303.11257): ``scale = 1`` always; no amax is computed anywhere.
+  Correct only for a model whose tensors have unit scale by construction (``fp8lm.unit_scaling``):
+  E4M3 then covers about [2**-9, 448] and E5M2 [2**-16, 57344] around 1. On an ordinary model small
+  gradients flush to zero (E5M2's smallest subnormal is 2**-16, about 1.5e-5).
 
 History bookkeeping is plain tensor ops on the tensor's device (no ``.item()``, no host sync).
 
@@ -31,16 +35,16 @@ import torch
 
 from fp8lm.formats import FORMATS, Format, get_format, scale_from_amax
 
-__all__ = ["Recipe", "RECIPES", "SCALINGS", "get_recipe", "compute_scale", "update_history"]
+__all__ = ["Recipe", "RECIPES", "SCALINGS", "get_recipe", "compute_scale", "static_scale", "update_history"]
 
-SCALINGS = ("current", "delayed")
+SCALINGS = ("current", "delayed", "static")
 
 
 @dataclass(frozen=True)
 class Recipe:
     """How an FP8 linear scales its casts.
 
-    scaling: "current" or "delayed".
+    scaling: "current", "delayed" or "static" (scale 1, no amax).
     history_len: amax history window for delayed scaling (FP8-LM uses 16).
     fwd_format / grad_format: FP8 formats of the forward operands and of the output gradient.
     pow2_scales: round every scale down to a power of two (exact rescaling).
@@ -80,6 +84,7 @@ class Recipe:
 RECIPES = {
     "current": Recipe(scaling="current"),
     "delayed": Recipe(scaling="delayed"),
+    "static": Recipe(scaling="static"),
 }
 
 
@@ -93,13 +98,21 @@ def get_recipe(recipe: "str | Recipe") -> Recipe:
 
 
 def compute_scale(amax_now: torch.Tensor, history: torch.Tensor | None, fmt: Format, recipe: Recipe) -> torch.Tensor:
-    """Scale for this cast: from ``amax_now`` (current) or from ``history`` (delayed, with fallback)."""
+    """Scale for this cast: from ``amax_now`` (current) or from ``history`` (delayed, with fallback).
+
+    Static recipes never reach here with an amax: ``Float8Linear`` uses ``static_scale`` instead.
+    """
     scale_now = scale_from_amax(amax_now, fmt, recipe.margin, recipe.pow2_scales)
     if recipe.scaling == "current" or history is None:
         return scale_now
     amax_hist = history.amax()
     scale_hist = scale_from_amax(amax_hist, fmt, recipe.margin, recipe.pow2_scales)
     return torch.where(amax_hist > 0, scale_hist, scale_now)
+
+
+def static_scale(device: torch.device) -> torch.Tensor:
+    """The scale of every cast under the static recipe: 1, a float32 scalar on ``device``."""
+    return torch.ones((), dtype=torch.float32, device=device)
 
 
 def update_history(history: torch.Tensor, amax_now: torch.Tensor) -> None:

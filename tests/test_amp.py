@@ -9,6 +9,7 @@ from torch import nn
 import fp8lm
 from fp8lm.formats import sqnr_db
 from fp8lm.nn import Float8Linear
+from conftest import randn_heavy
 
 
 class MLP(nn.Module):
@@ -204,3 +205,22 @@ def test_o0_keeps_every_linear_high_precision():
     model, _ = fp8lm.initialize(MLP(), level="O0", verbose=False)
     assert all(isinstance(m, HighPrecisionLinear) for m in (model.up, model.down, model.tiny))
     assert set(fp8lm.conversion_report(model).high_precision_layers.values()) == {"level O0", "too small (a dimension < 16)"}
+
+
+def test_cpu_bf16_attention_matches_bf16_kernel_and_float64(seed):
+    """The CPU fast path of causal attention is as close to float64 as the BF16 kernel, grads too."""
+    from fp8lm.nn.bf16 import causal_attention
+    q, k, v = (randn_heavy(3, 5, 37, 24, dist="student_t").bfloat16().requires_grad_() for _ in range(3))
+    g = torch.randn(3, 5, 37, 24).bfloat16()
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    y_ref = F.scaled_dot_product_attention(*ref, is_causal=True)
+    y_ref.backward(g.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_fast = causal_attention(q, k, v)
+    assert y_fast.dtype == torch.bfloat16
+    y_fast.backward(g)
+    y_bf16 = F.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), is_causal=True)
+    assert sqnr_db(y_ref, y_fast.double()) >= sqnr_db(y_ref, y_bf16.double()) - 1.0
+    assert sqnr_db(y_ref, y_fast.double()) > 40
+    for t, r in zip((q, k, v), ref):
+        assert sqnr_db(r.grad, t.grad.double()) > 30

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fp8lm.nn.bf16 import causal_attention
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -126,7 +128,7 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_heads, -1).transpose(1, 2)  # (B, nh, T, hd)
         v = v.view(B, T, self.n_heads, -1).transpose(1, 2)  # (B, nh, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hd)
+        y = causal_attention(q, k, v)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.proj(y)  # (B, T, C)
 

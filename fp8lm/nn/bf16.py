@@ -11,6 +11,12 @@ bfloat16, widened back to float32 (exact), a float32 GEMM (the products of two b
 are exact in float32, the sums are float32 as in the BF16 kernel), the result rounded to
 bfloat16. Only the order of the float32 additions can differ. The backward pass follows the same
 casts, so gradients are rounded to bfloat16 exactly where autocast rounds them.
+
+Attention has the same problem on those CPUs: BF16 ``scaled_dot_product_attention`` ran 2.8x
+slower than float32 here (forward + backward, 16 x 4 heads x 128 x 32), 40% of an O0 ``tiny`` step.
+``causal_attention`` widens BF16 q, k, v to float32 on the CPU (exact), runs the float32 kernel
+and rounds the output back: the CPU BF16 kernel accumulates in float32 as well, and the result is
+as close to a float64 reference (relative error 1.6e-3 vs 1.9e-3 for the BF16 kernel).
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["HighPrecisionLinear"]
+__all__ = ["HighPrecisionLinear", "causal_attention"]
 
 
 class HighPrecisionLinear(nn.Linear):
@@ -44,3 +50,16 @@ class HighPrecisionLinear(nn.Linear):
             w_lp = self.weight.to(dtype).float()  # (N, K)
             b_lp = None if self.bias is None else self.bias.to(dtype).float()
             return F.linear(x_lp, w_lp, b_lp).to(dtype)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal ``scaled_dot_product_attention`` of (B, nh, T, hd) tensors; fast BF16 on CPUs.
+
+    On GPUs, or for float32 inputs, this is ``F.scaled_dot_product_attention(q, k, v, is_causal=True)``.
+    On a CPU with 16-bit inputs it computes in float32 and rounds the output to the input dtype.
+    """
+    if q.device.type != "cpu" or q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    with torch.autocast("cpu", enabled=False):  # autocast would cast the float32 operands back
+        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    return y.to(q.dtype)

@@ -7,7 +7,7 @@ Numerics (``x`` is the input reshaped to (M, K), ``w`` the (N, K) weight, see ``
     grad_weight = grad_out_fp8.T @ x_fp8     E5M2 x E4M3, output in the weight's dtype
     grad_bias   = grad_out.sum(0)            high precision
 
-Each cast has its own per-tensor scale from the recipe (current or delayed). The forward saves
+Each cast has its own per-tensor scale from the recipe (current, delayed, or static = 1). The forward saves
 ``x_fp8`` and ``w_fp8`` (1 byte per element) for backward, never the high-precision input.
 
 When is scaling state updated? Exactly once per training forward + backward:
@@ -32,7 +32,7 @@ from torch import nn
 
 from fp8lm.formats import Format, amax, quantize
 from fp8lm.ops.gemm import fp8_mm
-from fp8lm.scaling import Recipe, compute_scale, update_history
+from fp8lm.scaling import Recipe, compute_scale, static_scale, update_history
 
 __all__ = ["Float8Linear"]
 
@@ -82,6 +82,8 @@ class Float8Linear(nn.Linear):
 
     def fp8_scale(self, row: int, t: torch.Tensor, fmt: Format, update: bool, recompute: bool) -> torch.Tensor:
         """The scale for casting ``t`` (state row ``row``), updating the state when ``update``."""
+        if self.recipe.scaling == "static":
+            return static_scale(t.device)  # no amax: the model is unit-scaled by construction
         delayed = self.recipe.scaling == "delayed"
         if recompute and delayed:
             return self.fp8_last_scale[row].clone()

@@ -33,3 +33,10 @@ def randn_heavy(*shape, dist="gauss", dtype=torch.float32, device="cpu"):
     else:
         raise ValueError(dist)
     return x.to(dtype=dtype, device=device)
+
+
+@pytest.fixture(scope="session")
+def model_runs():
+    """All model-level training runs of ``tests/model_runs.py``, trained once per session."""
+    from model_runs import run_all
+    return run_all()

@@ -1,24 +1,21 @@
 """Model-level bar: the `tiny` GPT trained at O1 (FP8 GEMMs) ends within 2% of O0 (BF16).
 
 Same seed, same data (the embedded standard-library corpus), same batches; the final validation
-loss is compared, 300 steps of 16 x 128 tokens per run (about 7 minutes for all four runs on 2 CPU
-cores). Runs are deterministic on a CPU, but which level ends lower at this length depends on the
-seed: measured here, seed 1337 gave O1 -2.13% vs O0 and seed 7 gave +0.40%. One seed's gap is
+loss is compared, 300 steps of 16 x 128 tokens per run (runs shared with the other model-level
+tests, see tests/model_runs.py). Runs are deterministic on a CPU, but which level ends lower at
+this length depends on the seed: measured here, seed 1337 gave O1 -1.96% vs O0 and seed 7 +0.41%. One seed's gap is
 mostly trajectory noise, so the bar is on the mean over two seeds, and each seed is held to 3%.
 """
 import pytest
 
-from fp8lm.train import TrainConfig, train
+from model_runs import STEPS
 
-STEPS = 300
 SEEDS = (1337, 7)
 
 
 @pytest.fixture(scope="module")
-def runs():
-    base = dict(preset="tiny", steps=STEPS, eval_every=STEPS, eval_batches=8, progress=False)
-    return {(level, seed): train(TrainConfig(level=level, seed=seed, **base))
-            for seed in SEEDS for level in ("O0", "O1")}
+def runs(model_runs):
+    return {(level, seed): model_runs[f"tiny-{level}-s{seed}"] for seed in SEEDS for level in ("O0", "O1")}
 
 
 def _gap(runs, seed, key="val_loss"):

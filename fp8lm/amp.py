@@ -5,6 +5,14 @@ Levels (see README.md for the full table):
 * ``O0``: the BF16 baseline. Nothing is converted; the model's forward runs under BF16 autocast.
 * ``O1``: every eligible ``nn.Linear`` runs its three GEMMs in FP8 (``fp8lm.nn.Float8Linear``);
   everything else (norms, attention, embeddings, the output head) runs under BF16 autocast.
+  The FP8 layers' weights become FP16 master weights with a per-tensor scale
+  (``fp8lm.tensor.ScaledTensor``, 2 bytes per parameter, no FP32 copy) and their gradients are
+  stored in FP8 with a scale (1 byte per parameter; a float32 buffer while micro-batches
+  accumulate). The optimizer becomes ``fp8lm.optim.AdamW`` with FP32 m and v (``state="fp32"``),
+  which writes the FP16 masters with stochastic rounding.
+* ``O2``: O1 with FP8/FP16 optimizer state: ``fp8lm.optim.AdamW(state="fp8")`` keeps Adam's m in
+  FP8 (E4M3) and v in FP16, each with a scale. Linear weights then hold 2 (weight) + 1 (gradient)
+  + 1 (m) + 2 (v) = 6 bytes per parameter plus scales, against 16 for O0's FP32 + AdamW.
 
 What "eligible" means, and the reasons reported for the layers that stay in high precision:
 
@@ -21,10 +29,15 @@ Linear layers that stay in high precision become ``fp8lm.nn.HighPrecisionLinear`
 ``F.linear`` on GPUs, and on CPUs a float32 GEMM on BF16-rounded operands that computes what the
 (software, several times slower) BF16 GEMM computes.
 
-Conversion is in place: the same module objects, the same ``Parameter`` objects, the same
-``state_dict`` keys, so a BF16/FP32 checkpoint loads into a converted model and the optimizer
-built on the model keeps working. A module reachable under two names is converted once; a
-weight shared by two modules (tied embeddings) is never copied. The level's autocast is applied
+Conversion is in place: the same module objects and the same ``state_dict`` keys, so a BF16/FP32
+checkpoint loads into a converted model (``load_state_dict`` re-quantizes into the FP16 masters).
+At O0 every ``Parameter`` object stays and the optimizer is returned as given. At O1/O2 each FP8
+layer's weight is a new ``Parameter`` (the FP16 master), so the optimizer is rebuilt from the one
+given: it must be a ``torch.optim.Adam`` or ``AdamW`` that has not stepped yet (groups and
+hyper-parameters carry over, see ``fp8lm.optim.AdamW.from_optimizer``); use the optimizer that
+``initialize`` returns. A module reachable under two names is converted once; a weight shared
+by two modules (tied embeddings with ``fp8_head=True``) is never copied: its layer runs in FP8 but
+keeps its FP32 weight (the report says so). The level's autocast is applied
 by forward hooks on the model itself: no global state, no patched torch functions, so models
 at different levels live side by side in one process.
 """
@@ -32,6 +45,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -42,9 +56,16 @@ from fp8lm.nn.bf16 import HighPrecisionLinear
 from fp8lm.nn.linear import Float8Linear
 from fp8lm.scaling import Recipe, get_recipe
 
-__all__ = ["LEVELS", "initialize", "ConversionReport", "LayerDecision", "conversion_report"]
+__all__ = ["LEVELS", "LEVEL_DESCRIPTIONS", "initialize", "ConversionReport", "LayerDecision", "conversion_report"]
 
-LEVELS = ("O0", "O1")
+LEVELS = ("O0", "O1", "O2")
+LEVEL_DESCRIPTIONS = {
+    "O0": "BF16 autocast everywhere (the baseline)",
+    "O1": "FP8 GEMMs, FP16 master weights + FP8 weight gradients, FP32 Adam m/v",
+    "O2": "FP8 GEMMs, FP16 master weights + FP8 weight gradients, FP8 Adam m / FP16 v",
+}
+_OPTIMIZER_STATE = {"O1": "fp32", "O2": "fp8"}
+_ADAM_TYPES = (torch.optim.Adam, torch.optim.AdamW)
 _HEAD_NAMES = ("lm_head", "head", "output")
 logger = logging.getLogger("fp8lm")
 
@@ -58,6 +79,7 @@ class LayerDecision:
     out_features: int
     fp8: bool
     reason: str
+    master: str = ""  # FP8 layers: "fp16" (ScaledTensor master) or "fp32" (a weight shared with another module)
 
 
 @dataclass
@@ -81,10 +103,13 @@ class ConversionReport:
         head = f"fp8lm {self.level}: {len(self.fp8_layers)} of {len(self.layers)} linear layers run in FP8"
         if self.recipe is not None and self.level != "O0":
             head += f" (recipe {self.recipe.scaling}, {self.recipe.fwd_format}/{self.recipe.grad_format})"
-        lines = [head]
+        lines = [head, f"  level {self.level}: {LEVEL_DESCRIPTIONS[self.level]}"]
         for d in self.layers:
             if not d.fp8:
                 lines.append(f"  high precision: {d.name} ({d.in_features}->{d.out_features}): {d.reason}")
+            elif d.master == "fp32" and self.level != "O0":
+                lines.append(f"  FP32 weight kept: {d.name} ({d.in_features}->{d.out_features}): "
+                             "its weight is shared with another module")
         return "\n".join(lines)
 
 
@@ -110,17 +135,23 @@ def initialize(
 
     Args:
         model: any ``nn.Module``; converted in place and returned (the same object).
-        optimizer: a ``torch.optim.Optimizer`` over the model's parameters, or None.
-        level: "O0" (BF16 autocast baseline) or "O1" (FP8 GEMMs + BF16 autocast).
-        recipe: "current", "delayed" or an ``fp8lm.Recipe``.
+        optimizer: a ``torch.optim.Optimizer`` over the model's parameters, or None. At O1/O2 it
+            must be a ``torch.optim.Adam``/``AdamW`` that has not stepped; it is replaced.
+        level: "O0" (BF16 autocast baseline), "O1" (FP8 GEMMs, FP16 master weights, FP8 weight
+            gradients, FP32 Adam state) or "O2" (O1 with FP8 m / FP16 v Adam state).
+        recipe: "current", "delayed", "static" or an ``fp8lm.Recipe``. "static" (scale 1, no amax)
+            warns unless the model is unit-scaled (``unit_scaled = True``).
         exclude: module-name patterns (fnmatch, e.g. ``"layers.0.*"``) or a callable
-            ``(name, module) -> bool`` naming linear layers to keep in high precision.
+            ``(name, module) -> bool`` naming linear layers to keep in high precision. With the
+            static recipe, None means the unit-scaled model's ``static_fp8_exclude``.
         fp8_head: also run the output head in FP8 (default: it stays in BF16).
         min_features: linear layers with a dimension below this stay in high precision.
         verbose: log the conversion summary (logger "fp8lm", level INFO).
 
     Returns:
-        ``(model, optimizer)``; ``fp8lm.conversion_report(model)`` tells what ran where.
+        ``(model, optimizer)``: at O1/O2 the optimizer is a new ``fp8lm.optim.AdamW`` over the
+        converted parameters (None if none was given); ``fp8lm.conversion_report(model)`` tells
+        what ran where.
     """
     if level not in LEVELS:
         raise ValueError(f"unknown level {level!r}; allowed: {', '.join(LEVELS)}")
@@ -132,12 +163,22 @@ def initialize(
     if getattr(model, "_fp8lm_report", None) is not None:
         raise ValueError("model is already initialized by fp8lm (at level "
                          f"{model._fp8lm_report.level}); initialize a fresh model instead")
+    if optimizer is not None and level != "O0":
+        _check_adam(optimizer, level)
+    if level != "O0" and recipe.scaling == "static":
+        exclude = _static_exclude(model, exclude)
     exclude_fn = _exclude_fn(exclude, _linear_names(model))
     report = ConversionReport(level, recipe)
     decisions = _decide(model, exclude_fn, fp8_head, min_features)
+    shared = _shared_params(model)
+    param_map = {}
     for _, module, decision in decisions:
         if decision.fp8 and level != "O0":
-            Float8Linear.from_linear(module, recipe)
+            old = module.weight
+            decision.master = "fp32" if id(old) in shared else "fp16"
+            Float8Linear.from_linear(module, recipe, master=decision.master)
+            if module.weight is not old:
+                param_map[old] = module.weight
         else:
             decision.fp8 = False
             decision.reason = decision.reason or "level O0"
@@ -146,9 +187,48 @@ def initialize(
         report.layers.append(decision)
     _install_autocast(model)
     model._fp8lm_report = report
+    if optimizer is not None and level != "O0":
+        from fp8lm.optim import AdamW  # optim builds on nn and tensor: imported here, at use
+        optimizer = AdamW.from_optimizer(optimizer, state=_OPTIMIZER_STATE[level], param_map=param_map)
     if verbose:
         logger.info(report.summary())
     return model, optimizer
+
+
+def _check_adam(optimizer: torch.optim.Optimizer, level: str) -> None:
+    """O1/O2 rebuild the optimizer: only a fresh torch Adam/AdamW can be carried over."""
+    if type(optimizer) not in _ADAM_TYPES:
+        raise ValueError(f"level {level} needs a torch.optim.Adam or torch.optim.AdamW optimizer (it is rebuilt "
+                         f"as fp8lm.optim.AdamW), got {type(optimizer).__name__}; allowed: Adam, AdamW")
+    if any(len(s) for s in optimizer.state.values()):
+        raise ValueError(f"level {level} needs an optimizer that has not taken a step yet (its state "
+                         "cannot be carried over); build it fresh, or load its state after initialize")
+
+
+def _shared_params(model: nn.Module) -> set[int]:
+    """ids of parameters held directly by more than one module (tied weights)."""
+    owners: dict[int, int] = {}
+    for m in model.modules():
+        for p in set(m._parameters.values()) - {None}:
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return {pid for pid, n in owners.items() if n > 1}
+
+
+def _static_exclude(model: nn.Module, exclude):
+    """Static scales (scale 1, no amax) are safe only on unit-scaled models (``unit_scaled = True``).
+
+    Warns for any other model. For a unit-scaled one, ``exclude=None`` becomes the model's own
+    ``static_fp8_exclude`` (layers it measured to outgrow a fixed scale; UnitGPT: its last
+    ``mlp.down``); an explicit ``exclude`` is used as given.
+    """
+    if not getattr(model, "unit_scaled", False):
+        warnings.warn(
+            f"recipe 'static' casts with scale 1 and computes no amax: it is meant for unit-scaled models "
+            f"(unit_scaled = True, e.g. the unit-tiny preset), and {type(model).__name__} is not one. Its small "
+            "gradients flush to zero in E5M2 (below ~1.5e-5) and small weights and activations lose precision "
+            "in E4M3 (below ~1.6e-2; zero below ~1e-3); use recipe 'current' or 'delayed' for it.", UserWarning, stacklevel=3)
+        return exclude
+    return getattr(model, "static_fp8_exclude", None) if exclude is None else exclude
 
 
 def _linear_names(model: nn.Module) -> dict[str, nn.Module]:

@@ -18,25 +18,52 @@ two CPU runs produce bit-identical loss histories.
 
 Throughput (`tokens_per_s`) counts training steps only, from the second step on (the first
 pays one-off costs), without validation. On a CPU it measures emulation speed, not FP8 speed.
+
+Memory: right after backward, before the optimizer step, of the first step in which the
+optimizer holds its state (a fresh run's second step), `fp8lm.memory_report` measures weights,
+gradients and optimizer state; its line is printed and the report goes to `metrics["memory"]`.
+
+Checkpoints and resume (`fp8lm.checkpoint`): with `out_dir`, a checkpoint is written to
+`out_dir/step-<k>` every `save_every` steps and after the last one. `resume` (a checkpoint, or
+a run folder: its latest) continues up to `steps`, which is always the run's total (the LR
+schedule depends on it). Everything the continuation reads is in the checkpoint: weights and
+scaling state, optimizer state (with its rounding generator), the sampler's generator, the
+global RNGs, and the loop state (loss and validation histories, skipped steps, timers). The
+model is built from the seed as usual and then overwritten, so the resumed run is bit-identical
+to one that never stopped (on the same device and thread count). Settings that would change
+the trajectory (`RESUME_MUST_MATCH`, the data) must match the checkpoint's.
+
+`inspect_every=N` logs `fp8lm.inspect`'s per-layer figures (rms, amax, E4M3/E5M2 saturated and
+flushed fractions of every linear's six tensors) before steps 0, N, 2N, ... (and after the last
+step when N divides `steps`) to `metrics["inspect"]`, on the first validation batch; the
+inspection changes neither the model nor its scaling state, so the losses stay bit-identical.
 """
 import json
 import math
 import os
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
 
 import fp8lm
+from fp8lm.checkpoint import checkpoint_dir, checkpoint_info, load_checkpoint, resolve_checkpoint, save_checkpoint
 from fp8lm.data import BatchSampler, fixed_batches, load_corpus
-from fp8lm.models import GPT, PRESETS, get_config
+from fp8lm.memory import memory_report
+from fp8lm.inspection import inspect as inspect_model
+from fp8lm import models
+from fp8lm.models import PRESETS
 
 # Training defaults per preset. `warmup` is capped at a tenth of the run when not set explicitly.
 PRESET_TRAINING = {
     "tiny": dict(batch_size=16, lr=3e-3, warmup=30, eval_every=50, eval_batches=8),
     "gpt-125m": dict(batch_size=16, lr=6e-4, warmup=200, eval_every=250, eval_batches=20),
     "llama-0.75b": dict(batch_size=8, lr=3e-4, warmup=200, eval_every=250, eval_batches=20),
+    # unit-scaled twins: lr is u-muP's base rate (per-group scales in UnitGPT.optimizer_param_groups)
+    "unit-tiny": dict(batch_size=16, lr=0.5, warmup=30, eval_every=50, eval_batches=8),
+    "unit-125m": dict(batch_size=16, lr=0.5, warmup=200, eval_every=250, eval_batches=20),
 }
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -65,7 +92,11 @@ class TrainConfig:
     eval_every: int | None = None
     eval_batches: int | None = None
     metrics_out: str | None = None
+    out_dir: str | None = None  # checkpoints go to out_dir/step-<k> (every save_every steps and at the end)
+    save_every: int | None = None
+    resume: str | None = None  # a checkpoint folder, or a run folder (its latest step-*)
     progress: bool = True
+    inspect_every: int | None = None  # log fp8lm.inspect figures every N steps (metrics["inspect"])
 
 
 def resolve_device(device: str) -> str:
@@ -89,7 +120,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"unknown recipe {cfg.recipe!r}; allowed: {', '.join(fp8lm.RECIPES)}")
     if not isinstance(cfg.steps, int) or cfg.steps <= 0:
         raise ValueError(f"steps must be a positive integer, got {cfg.steps!r}")
-    for name in ("batch_size", "seq_len", "eval_every", "eval_batches"):
+    for name in ("batch_size", "seq_len", "eval_every", "eval_batches", "inspect_every"):
         value = getattr(cfg, name)
         if value is not None and (not isinstance(value, int) or value <= 0):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -103,7 +134,18 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError("weight_decay and grad_clip must be >= 0 (grad_clip 0 turns clipping off)")
     if cfg.data is not None:
         check_data_path(cfg.data)
+    check_checkpointing(cfg)
     resolve_device(cfg.device)
+
+
+def check_checkpointing(cfg: TrainConfig) -> None:
+    """Raise ValueError for a bad save_every / out_dir / resume combination."""
+    if cfg.save_every is not None and (not isinstance(cfg.save_every, int) or cfg.save_every <= 0):
+        raise ValueError(f"save_every must be a positive integer, got {cfg.save_every!r}")
+    if cfg.save_every is not None and not cfg.out_dir:
+        raise ValueError("save_every needs out_dir (--out DIR): the folder the checkpoints go to")
+    if cfg.resume is not None:
+        resolve_checkpoint(cfg.resume)
 
 
 def check_data_path(data: str) -> None:
@@ -142,13 +184,27 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
 
 
+def build_model(cfg: TrainConfig, vocab_size: int) -> torch.nn.Module:
+    """The preset's model for a tokenizer of `vocab_size` ids, seeded by `cfg.seed`, on `cfg.device`.
+
+    `cfg` must be resolved (`resolve_config`). Not yet put at a level: call `fp8lm.initialize` next.
+    """
+    torch.manual_seed(cfg.seed)
+    return models.build_model(cfg.preset, vocab_size, seq_len=cfg.seq_len).to(cfg.device)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on 2-D weights only (not norms); fused on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW with weight decay on 2-D weights only (not norms); fused on CUDA.
+
+    A model with `optimizer_param_groups(lr, weight_decay)` (the unit-scaled GPT: u-muP learning
+    rates) supplies its own groups; a group's "lr_scale" multiplies the scheduled rate (`train_step`).
+    """
+    if hasattr(model, "optimizer_param_groups"):
+        groups = model.optimizer_param_groups(cfg.lr, cfg.weight_decay)
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     fused = str(cfg.device).startswith("cuda")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
 
@@ -172,17 +228,18 @@ def train(cfg: TrainConfig) -> dict:
     B, T = cfg.batch_size, cfg.seq_len
     sampler = BatchSampler(corpus.train, B, T, seed=cfg.seed, device=cfg.device)
     val_batches = fixed_batches(corpus.val, B, T, cfg.eval_batches, seed=0, device=cfg.device)
+    resume_meta = check_resume(cfg, corpus.fingerprint) if cfg.resume else None
 
-    torch.manual_seed(cfg.seed)
-    model_cfg = replace(get_config(cfg.preset, corpus.vocab_size), seq_len=T)
-    model = GPT(model_cfg).to(cfg.device)
+    model = build_model(cfg, corpus.vocab_size)
     optimizer = build_optimizer(model, cfg)
     model, optimizer = fp8lm.initialize(model, optimizer, level=cfg.level, recipe=cfg.recipe,
                                         verbose=cfg.progress)
     if cfg.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(cfg.device)
 
-    loop = run_loop(model, optimizer, sampler, val_batches, cfg)
+    state = resume_state(model, optimizer, sampler, cfg, resume_meta) if resume_meta else None
+    save = checkpoint_saver(model, optimizer, sampler, cfg, corpus.fingerprint) if cfg.out_dir else None
+    loop = run_loop(model, optimizer, sampler, val_batches, cfg, state, save)
     metrics = {
         "preset": cfg.preset, "level": cfg.level, "recipe": cfg.recipe, "device": cfg.device,
         "steps": cfg.steps, "seed": cfg.seed, "num_params": model.num_params(),
@@ -198,43 +255,137 @@ def train(cfg: TrainConfig) -> dict:
     return metrics
 
 
-def run_loop(model, optimizer, sampler, val_batches, cfg: TrainConfig) -> dict:
-    """The step loop; returns loss histories, skipped steps and throughput."""
-    losses, val_history, skipped = [], [(0, evaluate(model, val_batches))], 0
-    train_s, eval_s = 0.0, 0.0
-    bar = tqdm(range(cfg.steps), disable=not cfg.progress, desc=f"{cfg.preset} {cfg.level}", unit="step")
+def run_loop(model, optimizer, sampler, val_batches, cfg: TrainConfig, state: dict | None = None,
+             save=None) -> dict:
+    """The step loop; returns loss histories, skipped steps, throughput and the memory report.
+
+    `state` is the loop state of a checkpoint (`resume_state`), None for a fresh run; `save(step,
+    loop_state)` (`checkpoint_saver`) is called every `save_every` steps and after the last one.
+    Each process times its steps from its second one on (the first pays one-off costs).
+    """
+    st = state or {"losses": [], "val_history": [(0, evaluate(model, val_batches))], "skipped": 0,
+                   "train_s": 0.0, "eval_s": 0.0, "timed_steps": 0, "inspect": [], "inspect_s": 0.0}
+    losses, val_history, skipped = list(st["losses"]), [tuple(v) for v in st["val_history"]], st["skipped"]
+    train_s, eval_s, inspections, inspect_s = st["train_s"], st["eval_s"], list(st["inspect"]), st["inspect_s"]
+    start, timed_steps, memory, save_s, saved = len(losses), st["timed_steps"], [], 0.0, []
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress,
+               desc=f"{cfg.preset} {cfg.level}", unit="step")
     for step in bar:
+        if cfg.inspect_every and step % cfg.inspect_every == 0:
+            inspect_s += log_inspection(inspections, step, model, val_batches[0])
+        on_grads = None if memory else partial(record_memory, memory, model, optimizer, step, cfg.steps)
         t0 = time.perf_counter()
-        loss, ok = train_step(model, optimizer, sampler, lr_at(step, cfg), cfg.grad_clip)
+        loss, ok = train_step(model, optimizer, sampler, lr_at(step, cfg), cfg.grad_clip, on_grads=on_grads)
         losses.append(loss)
         skipped += not ok
-        if step > 0 or cfg.steps == 1:
+        if step > start or cfg.steps == 1:
             train_s += time.perf_counter() - t0
+            timed_steps += 1
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
             t0 = time.perf_counter()
             val_history.append((done, evaluate(model, val_batches)))
             eval_s += time.perf_counter() - t0
         if done % 10 == 0 or done == cfg.steps:
-            timed = max(1, step)
             bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_history[-1][1]:.3f}",
-                            tok_s=f"{timed * sampler.batch_size * sampler.seq_len / max(train_s, 1e-9):.0f}")
-    timed_steps = max(1, cfg.steps - 1)
+                            tok_s=f"{timed_steps * sampler.batch_size * sampler.seq_len / max(train_s, 1e-9):.0f}")
+        if save is not None and (done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0)):
+            t0 = time.perf_counter()
+            saved.append(save(done, {"losses": losses, "val_history": val_history, "skipped": skipped,
+                                     "train_s": train_s, "eval_s": eval_s, "timed_steps": timed_steps,
+                                     "inspect": inspections, "inspect_s": inspect_s}))
+            save_s += time.perf_counter() - t0
+    if cfg.inspect_every and cfg.steps % cfg.inspect_every == 0:
+        inspect_s += log_inspection(inspections, cfg.steps, model, val_batches[0])
+    extra = {"inspect": inspections, "inspect_s": inspect_s} if cfg.inspect_every else {}
     return {
         "final_train_loss": losses[-1], "val_loss": val_history[-1][1], "val_history": val_history,
         "loss_history": losses, "skipped_steps": skipped,
         "tokens_per_s": timed_steps * sampler.batch_size * sampler.seq_len / max(train_s, 1e-9),
-        "train_s": train_s, "eval_s": eval_s,
+        "train_s": train_s, "eval_s": eval_s, **extra,
+        "memory": memory[0].to_dict() if memory else None, "start_step": start,
+        "checkpoints": saved, "save_s": save_s,
     }
 
 
-def train_step(model, optimizer, sampler, lr: float, grad_clip: float) -> tuple[float, bool]:
-    """One optimizer step; returns (loss, applied). A non-finite loss or gradient skips the update."""
+def record_memory(memory: list, model, optimizer, step: int, steps: int) -> None:
+    """Append `fp8lm.memory_report` (and print its line) if the optimizer holds its state.
+
+    Called right after backward, before the optimizer step. Optimizers create their state in
+    their first step, so a fresh run is measured in its second step (or its only one).
+    """
+    if optimizer.state or step == steps - 1:
+        report = memory_report(model, optimizer)
+        tqdm.write(f"{report.line()} (step {step + 1}, after backward, before the optimizer step)")
+        memory.append(report)
+
+
+# Settings a resumed run must share with the checkpoint's run (anything else would change its path).
+RESUME_MUST_MATCH = ("preset", "level", "recipe", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup",
+                     "weight_decay", "grad_clip", "seed", "tokenizer", "vocab_size")
+
+
+def checkpoint_saver(model, optimizer, sampler, cfg: TrainConfig, fingerprint: dict):
+    """A `save(step, loop_state) -> path` writing `cfg.out_dir/step-<step>` with everything resume needs."""
+    def save(step: int, loop_state: dict) -> str:
+        extra = {"config": asdict(cfg), "data_fingerprint": fingerprint, "loop": loop_state}
+        return save_checkpoint(checkpoint_dir(cfg.out_dir, step), model, optimizer, step, sampler=sampler,
+                               extra=extra)
+    return save
+
+
+def check_resume(cfg: TrainConfig, fingerprint: dict) -> dict:
+    """The meta of checkpoint `cfg.resume` (a checkpoint, or a run folder's latest), checked.
+
+    Raises ValueError if it was written with other settings (`RESUME_MUST_MATCH`), on other
+    data, or beyond `cfg.steps`: before any model is built.
+    """
+    meta = checkpoint_info(cfg.resume)
+    saved = (meta.get("extra") or {}).get("config")
+    if not isinstance(saved, dict) or "loop" not in meta["extra"]:
+        raise ValueError(f"checkpoint '{meta['path']}' was not written by fp8lm train (no training config in it)")
+    diffs = [f"{k} {saved.get(k)!r} vs {getattr(cfg, k)!r}" for k in RESUME_MUST_MATCH if saved.get(k) != getattr(cfg, k)]
+    if (meta["extra"].get("data_fingerprint") or {}).get("sha256") != fingerprint["sha256"]:
+        diffs.append("data (its fingerprint differs)")
+    if diffs:
+        raise ValueError(f"cannot resume from '{meta['path']}': it was saved with other settings "
+                         f"(checkpoint vs this run): {'; '.join(diffs)}")
+    if meta["step"] > cfg.steps:
+        raise ValueError(f"checkpoint '{meta['path']}' is at step {meta['step']}, beyond steps={cfg.steps}")
+    return meta
+
+
+def resume_state(model, optimizer, sampler, cfg: TrainConfig, meta: dict) -> dict:
+    """Load the checkpoint `meta` (from `check_resume`) into the run; return its loop state."""
+    info = load_checkpoint(meta["path"], model, optimizer, sampler=sampler)
+    if cfg.progress:
+        tqdm.write(f"resumed from {info['path']} at step {info['step']} of {cfg.steps}")
+    return info["extra"]["loop"]
+
+
+def log_inspection(inspections: list, step: int, model, batch) -> float:
+    """Append `fp8lm.inspect`'s compact figures after `step` optimizer steps; return the seconds spent.
+
+    The batch is fixed (the first validation batch), so entries differ only by the model; the
+    inspection leaves the model, its scaling state and the RNG as they were (training is unchanged).
+    """
+    t0 = time.perf_counter()
+    inspections.append({"step": step, **inspect_model(model, batch).to_dict(compact=True)})
+    return time.perf_counter() - t0
+
+
+def train_step(model, optimizer, sampler, lr: float, grad_clip: float, on_grads=None) -> tuple[float, bool]:
+    """One optimizer step; returns (loss, applied). A non-finite loss or gradient skips the update.
+
+    `on_grads()`, if given, runs right after backward, while the gradients exist (memory report).
+    """
     x, y = sampler.next()  # (B, T) each
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     _, loss = model(x, y)
     loss.backward()
+    if on_grads is not None:
+        on_grads()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     loss_value = loss.item()

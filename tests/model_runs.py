@@ -23,6 +23,11 @@ RUNS: dict[str, dict] = {
     "tiny-O1-s1337": dict(preset="tiny", level="O1", seed=1337),
     "tiny-O0-s7": dict(preset="tiny", level="O0", seed=7),
     "tiny-O1-s7": dict(preset="tiny", level="O1", seed=7),
+    "tiny-O2-s1337": dict(preset="tiny", level="O2", seed=1337),
+    "tiny-O2-s7": dict(preset="tiny", level="O2", seed=7),
+    # the unit-scaled twin of tiny, BF16 and FP8 with static scales (tests/test_model_level_unit.py)
+    "unit-tiny-O0-s1337": dict(preset="unit-tiny", level="O0", seed=1337),
+    "unit-tiny-O1static-s1337": dict(preset="unit-tiny", level="O1", recipe="static", seed=1337),
 }
 
 

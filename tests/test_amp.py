@@ -1,5 +1,6 @@
 """fp8lm.initialize on models written here (not fp8lm's own): conversion, checkpoints, errors."""
 import copy
+import math
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ from torch import nn
 import fp8lm
 from fp8lm.formats import sqnr_db
 from fp8lm.nn import Float8Linear
+from fp8lm.optim import AdamW as Fp8AdamW
+from fp8lm.tensor import is_scaled, storage_bytes
 from conftest import randn_heavy
 
 
@@ -49,15 +52,19 @@ def test_mlp_converted_in_place():
     torch.manual_seed(0)
     model = MLP()
     keys = list(model.state_dict())
-    params = [id(p) for p in model.parameters()]
+    params = dict(model.named_parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     out_model, out_opt = fp8lm.initialize(model, opt, level="O1", verbose=False)
-    assert out_model is model and out_opt is opt
+    assert out_model is model and isinstance(out_opt, Fp8AdamW)
+    opt = out_opt
     assert isinstance(model.up, Float8Linear) and isinstance(model.down, Float8Linear)
     assert not isinstance(model.tiny, Float8Linear)  # too small
     assert list(model.state_dict()) == keys
-    assert [id(p) for p in model.parameters()] == params
-    assert opt.param_groups[0]["weight_decay"] == 0.05
+    # FP8 layers' weights are new Parameters (FP16 masters); every other Parameter is the same object
+    for name, p in model.named_parameters():
+        assert (p is params[name]) == (name not in ("up.weight", "down.weight")), name
+    assert [p for g in opt.param_groups for p in g["params"]] == list(model.parameters())
+    assert opt.param_groups[0]["weight_decay"] == 0.05 and opt.param_groups[0]["state"] == "fp32"
     report = fp8lm.conversion_report(model)
     assert report.fp8_layers == ["up", "down"]
     assert "too small" in report.high_precision_layers["tiny"]
@@ -69,13 +76,15 @@ def test_mlp_converted_in_place():
     opt.step()
 
 
-def test_bf16_state_dict_loads_into_converted_model():
+@pytest.mark.parametrize("level", ["O1", "O2"])
+def test_bf16_state_dict_loads_into_converted_model(level):
     torch.manual_seed(0)
     plain = MLP()
     sd_bf16 = {k: v.bfloat16() for k, v in plain.state_dict().items()}
-    model, _ = fp8lm.initialize(MLP(), level="O1", verbose=False)
+    model, _ = fp8lm.initialize(MLP(), level=level, verbose=False)
     model.load_state_dict(sd_bf16, strict=True)
-    assert torch.equal(model.up.weight, sd_bf16["up.weight"].float())
+    assert is_scaled(model.up.weight) and model.up.weight._data.dtype == torch.float16
+    assert torch.equal(model.up.weight, sd_bf16["up.weight"].float())  # BF16 values fit FP16 exactly
 
 
 def test_o1_close_to_o0(seed):
@@ -96,7 +105,7 @@ def test_tied_head_and_multihead_attention():
     torch.manual_seed(0)
     model = TiedLM()
     n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
     model, opt = fp8lm.initialize(model, opt, level="O1", verbose=False)
     report = fp8lm.conversion_report(model)
     assert report.high_precision_layers["lm_head"] == "output head"
@@ -115,7 +124,10 @@ def test_tied_head_in_fp8_shares_the_weight():
     torch.manual_seed(0)
     model, _ = fp8lm.initialize(TiedLM(), level="O1", fp8_head=True, verbose=False)
     assert isinstance(model.lm_head, Float8Linear)
-    assert model.lm_head.weight is model.emb.weight
+    assert model.lm_head.weight is model.emb.weight and not is_scaled(model.lm_head.weight)  # FP32 kept
+    report = fp8lm.conversion_report(model)
+    assert [d.master for d in report.layers if d.fp8] == ["fp16", "fp16", "fp32"]
+    assert "FP32 weight kept: lm_head" in report.summary()
     idx = torch.randint(0, 97, (2, 12))
     model(idx).float().sum().backward()
     assert model.emb.weight.grad is not None and torch.isfinite(model.emb.weight.grad).all()
@@ -155,7 +167,7 @@ def test_autocast_ends_even_if_forward_raises():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"level": "O9"}, "allowed: O0, O1"),
+    ({"level": "O9"}, "allowed: O0, O1, O2"),
     ({"recipe": "sometimes"}, "allowed: current, delayed"),
     ({"exclude": ["nothing.like.this"]}, "matches no linear layer"),
     ({"exclude": [3]}, "exclude must be"),
@@ -224,3 +236,146 @@ def test_cpu_bf16_attention_matches_bf16_kernel_and_float64(seed):
     assert sqnr_db(y_ref, y_fast.double()) > 40
     for t, r in zip((q, k, v), ref):
         assert sqnr_db(r.grad, t.grad.double()) > 30
+
+
+@pytest.mark.parametrize("level", ["O1", "O2"])
+def test_o1_o2_masters_fp8_grads_and_optimizer(seed, level):
+    model = MLP()
+    decay = [model.up.weight, model.down.weight, model.tiny.weight]
+    rest = [model.up.bias, model.down.bias, model.tiny.bias]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                            lr=2e-3, betas=(0.9, 0.95), eps=1e-7)
+    model, opt = fp8lm.initialize(model, opt, level=level, verbose=False)
+    for w in (model.up.weight, model.down.weight):
+        assert isinstance(w, nn.Parameter) and is_scaled(w) and w._data.dtype == torch.float16
+        assert storage_bytes(w) == 2 * w.numel() + 4
+    assert not any(is_scaled(p) for p in (model.tiny.weight, *rest))
+    assert isinstance(opt, Fp8AdamW) and [len(g["params"]) for g in opt.param_groups] == [3, 3]
+    assert opt.param_groups[0]["params"][0] is model.up.weight
+    g0 = opt.param_groups[0]
+    assert (g0["lr"], g0["betas"], g0["eps"], g0["weight_decay"]) == (2e-3, (0.9, 0.95), 1e-7, 0.1)
+    assert g0["state"] == {"O1": "fp32", "O2": "fp8"}[level]
+    assert level in fp8lm.conversion_report(model).summary()
+    x = randn_heavy(9, 48, dist="student_t")
+    before = model.up.weight.dequantize()
+    model(x).float().pow(2).mean().backward()
+    assert is_scaled(model.up.weight.grad) and model.up.weight.grad._data.dtype == torch.float8_e4m3fn
+    w_obj, data_obj = model.up.weight, model.up.weight._data
+    opt.step()
+    assert model.up.weight is w_obj and model.up.weight._data is data_obj and w_obj._data.dtype == torch.float16
+    assert not torch.equal(model.up.weight.dequantize(), before)
+    state = opt.state[model.up.weight]
+    m_dtype = {"O1": torch.float32, "O2": torch.float8_e4m3fn}[level]
+    assert state["exp_avg"].dtype == m_dtype
+
+
+def test_initialize_without_optimizer_at_o2():
+    model, opt = fp8lm.initialize(MLP(), level="O2", verbose=False)
+    assert opt is None and is_scaled(model.up.weight)
+    model(torch.randn(3, 48)).float().sum().backward()
+    assert is_scaled(model.down.weight.grad)
+
+
+def test_o0_keeps_parameters_and_optimizer():
+    model = MLP()
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.1)  # any optimizer at O0
+    model, out = fp8lm.initialize(model, opt, level="O0", verbose=False)
+    assert out is opt and list(model.parameters()) == params and not any(is_scaled(p) for p in params)
+
+
+@pytest.mark.parametrize("level", ["O1", "O2"])
+def test_optimizer_must_be_a_fresh_adam(level):
+    model = MLP()
+    with pytest.raises(ValueError, match="allowed: Adam, AdamW"):
+        fp8lm.initialize(model, torch.optim.SGD(model.parameters(), lr=0.1), level=level)
+    assert type(model.up) is nn.Linear  # nothing converted on error
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 48)).sum().backward()
+    opt.step()
+    with pytest.raises(ValueError, match="not taken a step"):
+        fp8lm.initialize(model, opt, level=level)
+    assert type(model.up) is nn.Linear
+
+
+class _LossModel(nn.Module):
+    """(x, y) -> (None, loss) like fp8lm's GPT; `poison` makes the gradient (not the loss) non-finite."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = MLP()
+        self.poison = False
+
+    def forward(self, x, y):
+        h = self.mlp.up(x)
+        if self.poison and h.requires_grad:
+            h.register_hook(lambda g: g * float("nan"))
+        out = self.mlp.tiny(self.mlp.down(F.gelu(h)))
+        return None, (out.float() - y).pow(2).mean()
+
+
+class _Batches:
+    def __init__(self):
+        self.gen = torch.Generator().manual_seed(0)
+
+    def next(self):
+        return torch.randn(6, 48, generator=self.gen), torch.randn(6, 8, generator=self.gen)
+
+
+def _snapshot(model, opt):
+    sd = {k: (v._data.clone(), v._scale.clone()) if is_scaled(v) else v.clone() for k, v in model.state_dict().items()}
+    st = {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for p, s in opt.state.items()}
+    return sd, st
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, tuple):
+        return all(_same(x, y) for x, y in zip(a, b))
+    return torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 else a, b.view(torch.uint8) if b.dtype.itemsize == 1 else b)
+
+
+@pytest.mark.parametrize("level", ["O1", "O2"])
+def test_non_finite_fp8_gradient_skips_the_step_and_corrupts_nothing(level):
+    from fp8lm.train import train_step
+    torch.manual_seed(0)
+    model = _LossModel()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, opt = fp8lm.initialize(model, opt, level=level, verbose=False)
+    batches = _Batches()
+    assert train_step(model, opt, batches, 1e-2, 1.0)[1]  # a good step: optimizer state exists
+    before = _snapshot(model, opt)
+    model.poison = True
+    loss, applied = train_step(model, opt, batches, 1e-2, 1.0)
+    assert math.isfinite(loss) and not applied  # the loss was fine; the FP8 gradients were not
+    assert all(p.grad is None for p in model.parameters())
+    assert _same(_snapshot(model, opt), before)
+    model.poison = False
+    assert train_step(model, opt, batches, 1e-2, 1.0)[1]
+    assert all(torch.isfinite(p.dequantize() if is_scaled(p) else p).all() for p in model.parameters())
+
+
+def test_o2_model_deepcopy_and_checkpoint_round_trip(seed, tmp_path):
+    model, _ = fp8lm.initialize(MLP(), level="O2", verbose=False)
+    x = torch.randn(5, 48)
+    twin = copy.deepcopy(model)
+    assert is_scaled(twin.up.weight) and twin.up.weight._data is not model.up.weight._data
+    assert torch.equal(twin(x), model(x))
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    fresh, _ = fp8lm.initialize(MLP(), level="O2", verbose=False)
+    fresh.load_state_dict(torch.load(tmp_path / "sd.pt"))  # weights_only (torch's default)
+    for a, b in ((fresh.up.weight, model.up.weight), (fresh.down.weight, model.down.weight)):
+        assert torch.equal(a._data.view(torch.int16), b._data.view(torch.int16)) and a._scale == b._scale
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_level_o2_plumbing():
+    """O2 reaches every entry point: TrainConfig, `fp8lm train --level`, `fp8lm compare --levels`."""
+    from fp8lm.cli import build_parser, config_from_args
+    from fp8lm.compare import check_levels
+    from fp8lm.train import TrainConfig, resolve_config
+    assert resolve_config(TrainConfig(level="O2", device="cpu")).level == "O2"
+    assert config_from_args(build_parser().parse_args(["train", "--level", "O2"])).level == "O2"
+    assert build_parser().parse_args(["compare", "--levels", "O0,O1,O2"]).levels == ["O0", "O1", "O2"]
+    check_levels(["O0", "O1", "O2"])

@@ -24,19 +24,48 @@ A module called several times per step (weight sharing) pushes one history entry
 
 Scaling state lives in non-persistent buffers (``fp8_amax_history``, ``fp8_last_scale``): it moves
 with ``.to()`` but stays out of ``state_dict`` so converted and plain models share checkpoint keys.
+
+FP16 master weights and FP8 weight gradients (levels O1/O2: ``from_linear(..., master="fp16")``)
+----------------------------------------------------------------------------------------------
+The weight becomes an ``nn.Parameter`` holding a ``fp8lm.tensor.ScaledTensor``: FP16 ``_data`` and a
+power-of-two ``_scale`` (2 bytes per parameter; no FP32 copy is kept). The forward casts it to E4M3
+from ``_data``: ``w_fp8 = cast((_data / _scale) * s_w)``, where the division by a power of two is
+exact, so the FP8 bits are those an FP32 weight with the same values would give (a transient FP32
+buffer inside the cast, as for any weight); its amax is ``amax(_data) / _scale``, also exact. The weight-gradient GEMM's float32 output lives only inside backward: it is cast at
+once to FP8 with a power-of-two scale from its own amax and returned as a ``ScaledTensor`` (1 byte per
+parameter + a 4-byte scale), which autograd stores in ``weight.grad``.
+
+Stored gradient format: ``wgrad_format`` (default ``"e4m3"``), measured with
+``benchmarks/o1_numerics.py`` (numbers in ``benchmarks/RESULTS.md``). On the 16 FP8 layers' weight
+gradients of the ``tiny`` GPT, at initialization and after 150 O1 steps, E4M3 storage is 31.3-31.7 dB
+(SQNR against the GEMM's float32 output) and E5M2 25.2-25.7 dB: a per-tensor scale fits a weight
+gradient's whole range into E4M3 (it loses at most 3e-12 of the energy to flushing), so E5M2's wider
+range buys nothing and costs a mantissa bit. The 300-step val loss could not tell them apart (O1 vs
+O0, mean of seeds 1337 and 7: E4M3 +0.16%, E5M2 +0.02%; single seeds move by 2-3% between
+variants), so the choice rests on the 6 dB. The gradient GEMM itself keeps the recipe's formats
+(E5M2 ``grad_out`` by default): only the storage of its result is chosen here.
+
+Gradient accumulation: when several backward passes run before ``zero_grad``, autograd adds each new
+FP8 gradient in place into ``weight.grad``; a ``ScaledTensor`` then widens its ``_data`` to a float32
+accumulation buffer (4 bytes per parameter, counted by ``fp8lm.tensor.storage_bytes``), so small
+micro-batch contributions are summed exactly in float32 rather than rounded away in FP8.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from fp8lm.formats import Format, amax, quantize
+from fp8lm.formats import FORMATS, Format, amax, quantize
 from fp8lm.ops.gemm import fp8_mm
 from fp8lm.scaling import Recipe, compute_scale, static_scale, update_history
+from fp8lm.tensor import ScaledTensor
 
 __all__ = ["Float8Linear"]
 
 _X, _W, _G = 0, 1, 2  # rows of the scaling-state buffers
+MASTERS = ("fp32", "fp16")
+WGRAD_FORMATS = tuple(FORMATS)
+DEFAULT_WGRAD_FORMAT = "e4m3"  # storage of FP8 weight gradients (module docstring: measured)
 
 
 def _in_backward() -> bool:
@@ -62,13 +91,36 @@ class Float8Linear(nn.Linear):
     recipe: Recipe
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, recipe: Recipe) -> "Float8Linear":
-        """Convert a plain ``nn.Linear`` in place (its class becomes ``Float8Linear``) and return it."""
+    def from_linear(cls, linear: nn.Linear, recipe: Recipe, master: str = "fp32",
+                    wgrad_format: str | None = None) -> "Float8Linear":
+        """Convert a plain ``nn.Linear`` in place (its class becomes ``Float8Linear``) and return it.
+
+        ``master="fp32"`` keeps the weight ``Parameter`` as it is (FP32 weight and gradient).
+        ``master="fp16"`` replaces it by a new ``Parameter`` holding a ``ScaledTensor`` (FP16 data +
+        scale; the old one is dropped: rebuild optimizers with the new one) and makes the weight
+        gradient a ``ScaledTensor`` stored in ``wgrad_format`` ("e4m3" or "e5m2"; default
+        ``DEFAULT_WGRAD_FORMAT``). See the module docstring.
+        """
+        wgrad_format = wgrad_format or DEFAULT_WGRAD_FORMAT
         if type(linear) is not nn.Linear:
             raise TypeError(f"Float8Linear.from_linear needs a plain nn.Linear, got {type(linear).__name__}")
+        if master not in MASTERS:
+            raise ValueError(f"unknown master {master!r}; allowed: {', '.join(MASTERS)}")
+        if wgrad_format not in WGRAD_FORMATS:
+            raise ValueError(f"unknown wgrad_format {wgrad_format!r}; allowed: {', '.join(WGRAD_FORMATS)}")
         linear.__class__ = cls
         linear._init_fp8(recipe)
+        linear.wgrad_format = wgrad_format
+        if master == "fp16":
+            w = linear.weight
+            w_fp16 = ScaledTensor.from_hp(w.detach(), torch.float16)
+            linear.weight = nn.Parameter(w_fp16, requires_grad=w.requires_grad)
         return linear
+
+    @property
+    def master(self) -> str:
+        """"fp16" when the weight is an FP16 ``ScaledTensor`` master, else "fp32"."""
+        return "fp16" if isinstance(self.weight, ScaledTensor) else "fp32"
 
     def _init_fp8(self, recipe: Recipe) -> None:
         self.recipe = recipe
@@ -78,7 +130,8 @@ class Float8Linear(nn.Linear):
 
     def extra_repr(self) -> str:
         r = self.recipe
-        return f"{super().extra_repr()}, fp8={r.scaling}:{r.fwd_format}/{r.grad_format}"
+        extra = f", master=fp16, wgrad={self.wgrad_format}" if self.master == "fp16" else ""
+        return f"{super().extra_repr()}, fp8={r.scaling}:{r.fwd_format}/{r.grad_format}{extra}"
 
     def fp8_scale(self, row: int, t: torch.Tensor, fmt: Format, update: bool, recompute: bool) -> torch.Tensor:
         """The scale for casting ``t`` (state row ``row``), updating the state when ``update``."""
@@ -87,7 +140,7 @@ class Float8Linear(nn.Linear):
         delayed = self.recipe.scaling == "delayed"
         if recompute and delayed:
             return self.fp8_last_scale[row].clone()
-        amax_now = amax(t)
+        amax_now = _amax(t)
         history = self.fp8_amax_history[row] if delayed else None
         scale = compute_scale(amax_now, history, fmt, self.recipe)
         if update:
@@ -115,13 +168,28 @@ class Float8Linear(nn.Linear):
             return _Float8LinearFn.apply(x, self.weight, self.bias, self, out_dtype, update, recompute)
 
 
+def _amax(t: torch.Tensor) -> torch.Tensor:
+    """amax of ``t``'s true values; for a ScaledTensor read from its narrow ``_data`` (exact)."""
+    if isinstance(t, ScaledTensor):
+        return amax(t._data) / t._scale
+    return amax(t)
+
+
+def _quantize(t: torch.Tensor, fmt: Format, scale: torch.Tensor) -> torch.Tensor:
+    """``quantize(t, fmt, scale)``; a ScaledTensor is read from ``_data`` (its power-of-two scale
+    divides exactly, so the FP8 bits equal those of an FP32 weight holding the same values)."""
+    if isinstance(t, ScaledTensor):
+        return quantize(t.dequantize(), fmt, scale)
+    return quantize(t, fmt, scale)
+
+
 def _fp8_forward(layer: Float8Linear, x2d, w_hp, update: bool, recompute: bool, out_dtype):
     """Quantize input and weight, run ``x @ w.T`` in FP8; return the output and what backward needs."""
     fmt = layer.recipe.fwd
     x_scale = layer.fp8_scale(_X, x2d, fmt, update, recompute)
     w_scale = layer.fp8_scale(_W, w_hp, fmt, update, recompute)
     x_fp8 = quantize(x2d, fmt, x_scale)  # (M, K)
-    w_fp8 = quantize(w_hp, fmt, w_scale)  # (N, K)
+    w_fp8 = _quantize(w_hp, fmt, w_scale)  # (N, K), straight from FP16 _data for a ScaledTensor master
     out = fp8_mm(x_fp8, x_scale.reciprocal(), w_fp8.t(), w_scale.reciprocal(), out_dtype,
                  emulate=layer.recipe.emulate)  # (M, N)
     return out, x_fp8, x_scale, w_fp8, w_scale
@@ -135,7 +203,7 @@ class _Float8LinearFn(torch.autograd.Function):
         if bias is not None:
             out = out + bias.to(out_dtype)
         ctx.save_for_backward(x_fp8, x_scale, w_fp8, w_scale)
-        ctx.layer, ctx.update = layer, update
+        ctx.layer, ctx.update, ctx.scaled_w = layer, update, isinstance(w_hp, ScaledTensor)
         ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x_hp.shape, x_hp.dtype, w_hp.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out.reshape(*x_hp.shape[:-1], out.shape[-1])
@@ -155,6 +223,8 @@ class _Float8LinearFn(torch.autograd.Function):
             grad_x = grad_x.reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             grad_w = fp8_mm(g_fp8.t(), g_inv, x_fp8, x_scale.reciprocal(), ctx.w_dtype, emulate)  # (N, K)
+            if ctx.scaled_w:  # FP8 storage with a scale from this output's amax (1 byte per parameter)
+                grad_w = ScaledTensor.from_hp(grad_w, FORMATS[layer.wgrad_format].dtype)
         if ctx.needs_input_grad[2]:
             grad_b = g2d.float().sum(0).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None, None, None, None

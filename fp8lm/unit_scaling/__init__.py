@@ -1,6 +1,7 @@
-"""Unit Scaling / u-muP ops: scaled so activations and gradients are ~unit variance at init.
+"""Unit Scaling / u-muP ops and layers: scaled so activations and gradients are ~unit variance at init.
 
-See :mod:`fp8lm.unit_scaling.ops` for the rule each op applies.
+See :mod:`fp8lm.unit_scaling.ops` for the rule each functional op applies and
+:mod:`fp8lm.unit_scaling.modules` for the layers (where their scales sit relative to the FP8 GEMM).
 """
 from fp8lm.unit_scaling.ops import (
     LINEAR_CONSTRAINTS,
@@ -19,5 +20,24 @@ from fp8lm.unit_scaling.ops import (
     silu,
     silu_glu,
 )
+from fp8lm.unit_scaling.modules import (
+    UnitCausalAttention,
+    UnitCrossEntropy,
+    UnitEmbedding,
+    UnitGELU,
+    UnitLinear,
+    UnitMLP,
+    UnitReadout,
+    UnitResidualBlock,
+    UnitRMSNorm,
+    UnitSelfAttention,
+    UnitSiLU,
+    UnitSwiGLU,
+    apply_rotary,
+    residual_taus,
+    set_weight_grad_scale,
+)
+from fp8lm.unit_scaling import modules as _modules
+from fp8lm.unit_scaling import ops as _ops
 
-from fp8lm.unit_scaling.ops import __all__  # noqa: F401  (the one list lives in ops.py)
+__all__ = [*_ops.__all__, *_modules.__all__]

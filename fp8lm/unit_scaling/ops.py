@@ -27,7 +27,9 @@ Rules (``K`` = fan_in, ``N`` = fan_out, ``B`` = batch rows = ``x.numel() // K``)
   (values unchanged), so the summed gradient at the split has unit variance.
 * ``causal_attention``: softmax scale 1/d (u-muP). Then attention is ~uniform over the causal
   prefix, so position t has output variance 1/(t+1) and the mean is H_T / T (harmonic number):
-  out * sqrt(T / H_T); grad_v * sqrt(T / H_T); grad_q, grad_k * sqrt(T d / (H_T - H2_T)).
+  out * sqrt(T / H_T); grad_v * sqrt(T / H_T); grad_q, grad_k * sqrt(T d / (H_T - H2_T)) (or, with
+  ``constraint="to_output_scale"``, the output's scale: true gradients). ``value_corr`` rho
+  assumes values correlated across positions: out and grad_v * (rho + (1 - rho) H_T / T)^-1/2.
 * ``cross_entropy``: mean loss unchanged; grad_logits * M sqrt(V) (M = rows, V = vocab), since
   d(mean CE)/dlogits = (softmax - onehot) / M has per-element std ~ V^-1/2 / M.
 """
@@ -247,23 +249,46 @@ def _harmonic(t: int) -> Tuple[float, float]:
     return (1.0 / n).sum().item(), (1.0 / (n * n)).sum().item()
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, constraint: Optional[str] = None,
+                     value_corr: float = 0.0) -> Tensor:
     """Causal self-attention on (..., T, d) tensors with unit-scaled output and gradients.
 
     Rule: softmax scale 1/d (u-muP), so for unit q, k the logits have std d^-1/2 and attention is
-    ~uniform over the causal prefix: position t averages t+1 values (variance 1/(t+1)), mean over
-    positions H_T / T. So out * sqrt(T / H_T) (unit overall std; early positions larger, late
-    smaller) and grad_v * sqrt(T / H_T) (same sum by symmetry). For grad_q and grad_k the
-    uniform-attention approximation gives variance (H_T - H2_T) / (T d), so they are scaled by
-    sqrt(T d / (H_T - H2_T)) (position 0 gets zero grad_q: nothing to attend to but itself).
-    These are cut-edge scales, not true gradients.
+    ~uniform over the causal prefix: position t averages t+1 values. If values at different
+    positions have correlation ``value_corr`` (rho), that average has variance
+    rho + (1 - rho) / (t+1), mean over positions rho + (1 - rho) H_T / T (H_T harmonic number). So
+    out * s with s = (rho + (1 - rho) H_T / T)^-1/2: sqrt(T / H_T) for independent values
+    (rho = 0, the default: Unit Scaling's assumption; early positions larger, late smaller), 1 for
+    identical ones. grad_v gets the same factor (it is then the true gradient). For grad_q and
+    grad_k the uniform-attention, independent-values approximation gives variance
+    (H_T - H2_T) / (T d) before scaling, and ``constraint`` chooses their scale:
+
+    * ``None`` (default): sqrt(T d / (H_T - H2_T)), unit variance (position 0 gets zero grad_q:
+      nothing to attend to but itself). A cut-edge scale, not a true gradient: the q and k paths
+      are amplified by sqrt(d H_T / (H_T - H2_T)) (6.8 at T=128, d=32, rho=0) relative to the v path.
+    * ``"to_output_scale"``: s, the forward scale, so all three gradients are true gradients of
+      the scaled forward; grad_q and grad_k then have std sqrt((H_T - H2_T) / (d H_T)) (rho=0;
+      0.15 at T=128, d=32; 0.11 at T=1024, d=64): small, as the loss barely depends on q and k
+      while attention is uniform. Needed inside a residual branch for the branch and skip
+      gradients to keep their forward ratio.
+
+    Real token streams are correlated across positions (frequent tokens share an embedding, and
+    after the first layer every position carries the prefix average): on the byte-level default
+    corpus rho is about 0.2 at the first layer and 0.8 deeper, at init (``fp8lm.models.unit_gpt``).
     """
+    if constraint not in LINEAR_CONSTRAINTS:
+        raise ValueError(f"constraint must be one of {LINEAR_CONSTRAINTS!r}, got {constraint!r}")
+    if not 0.0 <= value_corr <= 1.0:
+        raise ValueError(f"value_corr must be in [0, 1], got {value_corr}")
     t, d = q.shape[-2], q.shape[-1]
     if k.shape[-2] != t or v.shape[-2] != t:
         raise ValueError("causal_attention expects self-attention: q, k, v with the same length T")
     h1, h2 = _harmonic(t)
-    out_scale = math.sqrt(t / h1)
-    qk_scale = math.sqrt(t * d / (h1 - h2)) if t > 1 else 1.0
+    out_scale = (value_corr + (1.0 - value_corr) * h1 / t) ** -0.5
+    if constraint == "to_output_scale":
+        qk_scale = out_scale
+    else:
+        qk_scale = math.sqrt(t * d / (h1 - h2)) if t > 1 else 1.0
     out = F.scaled_dot_product_attention(
         scale_bwd(q, qk_scale), scale_bwd(k, qk_scale), scale_bwd(v, out_scale), is_causal=True, scale=1.0 / d
     )

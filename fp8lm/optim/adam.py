@@ -1,0 +1,587 @@
+"""Adam / AdamW with FP32 or FP8/FP16 state and FP16 master weights (levels O1 and O2).
+
+The math is torch's (``torch.optim.Adam`` / ``AdamW`` with ``foreach=False``), for step t:
+
+    g   = grad (+ wd * w when decoupled=False: Adam's L2 penalty)
+    w  *= 1 - lr * wd                               (decoupled=True: AdamW)
+    m   = b1 * m + (1 - b1) * g                     (``exp_avg``)
+    v   = b2 * v + (1 - b2) * g^2                   (``exp_avg_sq``)
+    w  -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+``state="fp32"`` (level O1, and the reference mode) keeps m and v as torch does and runs
+torch's own sequence of in-place ops, so on plain FP32 parameters it reproduces
+``torch.optim.AdamW(foreach=False)`` / ``Adam`` bit for bit.
+
+``state="fp8"`` (level O2) stores, per parameter, 1 + 2 bytes of state plus scales:
+
+* ``exp_avg``: ``float8_e4m3fn`` (3 mantissa bits: relative rounding error <= 2^-4, 6.25%;
+  normal range 2^-6..448, subnormals down to 2^-9, so about 17.8 binades of dynamic range);
+* ``exp_avg_sq``: ``float16`` (10 mantissa bits; 2^-24..65504, 40 binades with subnormals);
+* ``exp_avg_scale`` / ``exp_avg_sq_scale``: float32 scales; true value = stored / scale.
+
+Numerics of the FP8 state
+-------------------------
+Each step decodes m and v to FP32, applies the update above in FP32 and re-encodes them. The
+problems, and what this module does about each (measurements: ``benchmarks/optim_numerics.py``,
+recorded in ``benchmarks/RESULTS.md``):
+
+1. Range of v. v is an EMA of g^2, so it spans twice the binades g does: gradients of 1e-8
+   and 1e2 give v of 1e-16 and 1e4. Without a scale, g^2 < 6e-8 (|g| < 2.4e-4) flushes to
+   zero in FP16 and g^2 > 65504 (|g| > 256) overflows. With a per-tensor scale FP16 holds
+   30 binades at full precision (normals, 2^-14..2^16) and 40 before flushing (subnormals):
+   for v itself that is a ratio of only 2^15 (3e4) between the largest and smallest |g| of a
+   tensor at full precision, 2^20 (1e6) before flushing. A v flushed to 0 under an m that is
+   not makes the update m / eps, a step of thousands of learning rates. So the default
+   ``v_storage="sqrt"`` stores r = sqrt(v): r spans the binades g spans, so |g| ratios of
+   2^30 (1e9) keep full precision and 2^40 (1e12) stay nonzero, and the denominator sqrt(v)
+   is read without a square root. The price: the denominator's relative rounding error is
+   r's, 2^-11, instead of half of v's, 2^-12; both are far below m's 2^-4. On gradients
+   spanning 1e-8..1e2 inside a tensor, storing v stalls 8-22% of the elements and misses the
+   float64 trajectory by 20-36%; storing sqrt(v) stalls 0.7% and misses by 2.5%.
+   ``v_storage="square"`` stores v itself (for comparison).
+2. Scales. Every scale is a power of two (rescaling is exact) chosen from the new amax each
+   step, so the largest element lands in the top binade: (224, 448] for E4M3, (32752, 65504]
+   for FP16. Nothing overflows by construction (casts also saturate). The step runs in two
+   passes over the tensor: the first computes the new m and v only for their amax, the second
+   recomputes them, encodes them with the new scales and updates the weights.
+3. Range of m. m carries the sign and magnitude of g, so inside one tensor it spans what the
+   gradient spans; with one per-tensor E4M3 scale every element below amax(m) * 2^-17.8
+   (4.4e-6 amax) flushes to zero and its weight stops moving, although Adam's step for it is
+   as large as anyone's (Adam is scale-free per element). The default
+   ``m_scaling="normalized"`` therefore stores q = m / r (r the stored sqrt(v)), not m.
+   By Cauchy-Schwarz |m_t| <= (1 - b1) sqrt(S_t v_t / (1 - b2)), S_t = sum_{k<t} (b1^2/b2)^k,
+   so |q| <= 7.3 for betas (0.9, 0.999) and 1.2 for (0.9, 0.95) whatever the gradient's
+   scale: q is the not-bias-corrected update itself, one E4M3 scale covers it, and r acts as
+   a per-element FP16 scale for m (decode: m = q * r). Same 1 byte per element, no extra
+   scale. Against float64 AdamW (200 steps, betas (0.9, 0.999), relative error of the
+   distance travelled): gradients spanning 1e-8..1e2 per element: normalized 2.5%, per-tensor
+   (FP8-LM / MS-AMP, ``m_scaling="tensor"``) 57% with 28% of the elements stalled, per-block
+   of 128 (``m_scaling="block"``, +4/128 byte per element) 54%; the same spread by rows:
+   2.6% / 52% / 29%; log-normal magnitudes around 1e-4: 2.6% / 17% / 5.2%. Per-block helps
+   only where magnitudes cluster in blocks and costs memory; "normalized" beats both at equal
+   memory, so it is the default; the other two stay selectable for comparison.
+4. Rounding. An EMA re-rounded every step has a dead band under round-to-nearest: the step
+   (1 - b1)(g - m) is lost whenever it is below half an ulp of m, i.e. whenever |g - m| is
+   below 31-62% of |m| for E4M3, and (1 - b2)(g^2 - v) is lost whenever |g^2 - v| is below
+   24-49% of v in FP16 with b2 = 0.999: the stored moments stall short of their targets.
+   Measured with a constant gradient (200 steps, betas (0.9, 0.999)): nearest leaves m off by
+   92% on average; on a deterministic regression problem the weights end 48% away from
+   float64 Adam's. The default ``rounding="stochastic"`` rounds up with probability equal to
+   the remainder's fraction of an ulp, so the stored moments are unbiased (constant gradient:
+   m within 5%, v 0.4%; regression: weights within 1.1%). Its noise is re-injected every step and
+   damped by the EMA (stationary relative std about 0.4 ulp / sqrt(2 (1 - b))), which is why
+   on very noisy gradients nearest measures slightly better (1.9% vs 2.5% open loop): the
+   gradient noise there hides the dead band, while nothing hides it on a smooth problem. The
+   random bits come from the optimizer's generator (one per device, saved in ``state_dict()``),
+   so a resumed run is bit-identical. ``rounding="nearest"`` is the plain saturating cast.
+5. Safety bound. With exact moments |m_hat| / (sqrt(v_hat) + eps) <= C_t with
+   C_t = (1 - b1)/(1 - b1^t) * sqrt(S_t (1 - b2^t) / (1 - b2)) (the bound above, bias
+   corrected; C_1 = 1, and the bound is attained by g_{t-k} ~ (b1 / b2)^k). The FP8 mode clamps
+   each update element to C_t (1 + 2^-6) and q to its bound likewise, so a decoded m that
+   outlives a flushed v cannot produce a giant step; with exact arithmetic the clamp never binds.
+6. The update of step t uses the FP32 m and v computed in this step (before re-encoding), so
+   the quantization error of step t's state first acts at step t + 1.
+
+Master weights: a parameter that is an ``fp8lm.tensor.ScaledTensor`` (FP16 data + scale) is
+decoded to FP32 with ``p.dequantize()``, updated in FP32, and written back with
+``p.assign_hp_(w, stochastic=True, generator=...)`` (stochastic rounding into FP16, so
+updates below half an FP16 ulp survive in expectation); plain parameters are updated in
+place. ScaledTensor gradients are read from their ``_data`` / ``_scale`` chunk by chunk.
+
+Memory: state tensors are plain tensors in ``self.state[p]`` (``exp_avg``, ``exp_avg_scale``,
+``exp_avg_sq``, ``exp_avg_sq_scale``, ``step``), so ``state_dict()`` holds the stored bytes;
+``exp_avg_sq`` holds sqrt(v) and ``exp_avg`` holds q = m / sqrt(v) under the defaults
+(``moments(p)`` decodes the true m and v). Parameters are updated one at a time, the FP8 step
+in chunks of ``chunk_size`` elements (default 2^22): its temporaries are about ten FP32 chunks
+(16 MiB each at the default), whatever the parameter's size. A ScaledTensor parameter adds
+one FP32 copy of itself (``dequantize``, then ``assign_hp_``'s own temporaries). The FP32
+mode runs torch's ops on whole tensors (two FP32 temporaries of the parameter, as torch).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+
+from fp8lm import formats
+from fp8lm.formats import E4M3, Format
+
+from fp8lm.tensor import is_scaled, round_stochastic
+
+__all__ = ["AdamW", "FP16", "STATES", "M_SCALINGS", "V_STORAGES", "ROUNDINGS"]
+
+FP16 = Format("fp16", torch.float16, 65504.0, 2.0**-14, 2.0**-24, 10)
+STATES = ("fp32", "fp8")
+M_SCALINGS = ("normalized", "tensor", "block")
+V_STORAGES = ("sqrt", "square")
+ROUNDINGS = ("stochastic", "nearest")
+_SLACK = 1.0 + 2.0**-6
+_REFUSED_FLAGS = ("amsgrad", "maximize", "differentiable", "capturable")
+
+
+# --------------------------------------------------------------------------------------------
+# rounding and encoding
+
+
+def _encode(x_hp: torch.Tensor, fmt: Format, scale: torch.Tensor, stochastic: bool, generator) -> torch.Tensor:
+    """``x_hp * scale`` cast to ``fmt`` (saturating), stochastically or to nearest."""
+    if not stochastic:
+        return formats.quantize(x_hp, fmt, scale)
+    return round_stochastic(x_hp * scale, fmt.dtype, generator)
+
+
+def _block_view(x: torch.Tensor, block: int) -> torch.Tensor:
+    """The flattened ``x`` zero-padded to whole blocks, as (num_blocks, block)."""
+    flat = x.reshape(-1)
+    pad = (-flat.numel()) % block
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    return flat.view(-1, block)
+
+
+def _num_blocks(numel: int, block: int) -> int:
+    return max(1, -(-numel // block))
+
+
+# --------------------------------------------------------------------------------------------
+# hyper-parameters
+
+
+def _to_float(value, name: str) -> float:
+    """A Python float from a float or a one-element tensor (``lr`` may be a tensor)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} as a tensor must have one element, got shape {tuple(value.shape)}")
+        return float(value.item())
+    return float(value)
+
+
+def _check_group(group: dict) -> None:
+    """Validate one param group's hyper-parameters (ValueError naming the bad one)."""
+    lr = _to_float(group["lr"], "lr")
+    if not (lr >= 0.0 and math.isfinite(lr)):
+        raise ValueError(f"invalid lr {lr}: must be a finite number >= 0")
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        b = _to_float(beta, f"betas[{i}]")
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"invalid betas[{i}] {b}: must be in [0, 1)")
+    eps = _to_float(group["eps"], "eps")
+    if not eps >= 0.0:
+        raise ValueError(f"invalid eps {eps}: must be >= 0")
+    wd = _to_float(group["weight_decay"], "weight_decay")
+    if not wd >= 0.0:
+        raise ValueError(f"invalid weight_decay {wd}: must be >= 0")
+    for key, allowed in (("state", STATES), ("m_scaling", M_SCALINGS), ("v_storage", V_STORAGES),
+                         ("rounding", ROUNDINGS)):
+        if group[key] not in allowed:
+            raise ValueError(f"invalid {key} {group[key]!r}; allowed: {', '.join(allowed)}")
+    if not isinstance(group["decoupled"], bool):
+        raise ValueError(f"decoupled must be True (AdamW) or False (Adam), got {group['decoupled']!r}")
+    for key in ("block_size", "chunk_size"):
+        if not (isinstance(group[key], int) and group[key] >= 1):
+            raise ValueError(f"invalid {key} {group[key]!r}: must be a positive int")
+    for p in group["params"]:
+        if torch.is_complex(p):
+            raise ValueError("complex parameters are not supported by fp8lm.optim.AdamW")
+
+
+def _update_bound(beta1: float, beta2: float, step: int) -> tuple[float, float]:
+    """(bound on |m_t| / sqrt(v_t), bound on |m_hat| / sqrt(v_hat)) at step t; inf when unbounded."""
+    if beta2 == 0.0:
+        return (_SLACK, _SLACK) if beta1 == 0.0 else (math.inf, math.inf)
+    ratio = beta1 * beta1 / beta2
+    try:
+        s_t = float(step) if ratio == 1.0 else (1.0 - ratio**step) / (1.0 - ratio)
+    except OverflowError:
+        return math.inf, math.inf
+    raw = (1.0 - beta1) * math.sqrt(s_t / (1.0 - beta2))
+    hat = raw * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+    return raw * _SLACK, hat * _SLACK
+
+
+# --------------------------------------------------------------------------------------------
+# the optimizer
+
+
+class AdamW(torch.optim.Optimizer):
+    """Adam / AdamW with FP32 (``state="fp32"``) or FP8 m + FP16 v (``state="fp8"``) state.
+
+    Args:
+        params: parameters or param groups (dicts may override every hyper-parameter below).
+        lr, betas, eps, weight_decay: as in ``torch.optim.AdamW``; ``lr`` may be a one-element tensor.
+        decoupled: True for AdamW (``w *= 1 - lr * wd``), False for Adam's L2 (``g += wd * w``).
+        state: "fp32" (torch's math and state) or "fp8" (E4M3 m and FP16 v with scales).
+        m_scaling: how the FP8 m is scaled: "normalized" (default), "tensor" or "block".
+        v_storage: "sqrt" (FP16 stores sqrt(v), default) or "square" (stores v).
+        rounding: "stochastic" (default) or "nearest" for the FP8/FP16 state.
+        block_size: elements per scale for ``m_scaling="block"``.
+        chunk_size: elements processed at a time by the FP8 step (bounds its temporaries).
+        generator_seed: seed of the stochastic-rounding generators; default ``torch.initial_seed()``.
+        foreach, fused: accepted for compatibility and ignored.
+    See the module docstring for the numerics.
+    """
+
+    def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, *, decoupled: bool = True, state: str = "fp32",
+                 m_scaling: str = "normalized", v_storage: str = "sqrt", rounding: str = "stochastic",
+                 block_size: int = 128, chunk_size: int = 1 << 22, generator_seed: int | None = None,
+                 foreach=None, fused=None):
+        del foreach, fused  # one code path; kept so torch-style call sites keep working
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, decoupled=decoupled,
+                        state=state, m_scaling=m_scaling, v_storage=v_storage, rounding=rounding,
+                        block_size=block_size, chunk_size=chunk_size)
+        self._generator_seed = int(torch.initial_seed() if generator_seed is None else generator_seed)
+        self._generators: dict[torch.device, torch.Generator] = {}
+        super().__init__(params, defaults)
+
+    # ---- construction ------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a param group (torch's rules), then validate its hyper-parameters."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group["betas"] = tuple(group["betas"])
+        try:
+            _check_group(group)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    @classmethod
+    def from_optimizer(cls, optimizer: torch.optim.Optimizer, *, state: str,
+                       param_map: dict | None = None, **options) -> "AdamW":
+        """An fp8lm AdamW with ``optimizer``'s groups and hyper-parameters (a fresh torch Adam/AdamW).
+
+        ``param_map`` ({old_param: new_param}) replaces parameters; parameters not in it are
+        kept. ``options`` (m_scaling, v_storage, rounding, block_size, generator_seed) pass
+        through. Refuses other optimizer classes, optimizers that have already stepped, and
+        the torch flags this optimizer does not implement (amsgrad, maximize, differentiable,
+        capturable); foreach and fused are ignored.
+        """
+        if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+            raise ValueError(f"from_optimizer needs a torch.optim.Adam or AdamW, got {type(optimizer).__name__}")
+        if any(len(s) for s in optimizer.state.values()):
+            raise ValueError("from_optimizer needs an optimizer without state: this one has already stepped "
+                             "(build it fresh, or load its state after conversion)")
+        param_map = param_map or {}
+        decoupled_default = isinstance(optimizer, torch.optim.AdamW)
+        groups = []
+        for group in optimizer.param_groups:
+            for flag in _REFUSED_FLAGS:
+                if group.get(flag, False):
+                    raise ValueError(f"fp8lm.optim.AdamW does not support {flag}=True; allowed: {flag}=False")
+            new = {k: v for k, v in group.items()
+                   if k not in _REFUSED_FLAGS + ("foreach", "fused", "decoupled_weight_decay", "params")}
+            new["decoupled"] = bool(group.get("decoupled_weight_decay", decoupled_default))
+            new["params"] = [param_map.get(p, p) for p in group["params"]]
+            groups.append(new)
+        d = optimizer.defaults
+        return cls(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], weight_decay=d["weight_decay"],
+                   decoupled=bool(d.get("decoupled_weight_decay", decoupled_default)), state=state, **options)
+
+    # ---- generators --------------------------------------------------------------------
+
+    def generator_for(self, device: torch.device | str) -> torch.Generator:
+        """The stochastic-rounding generator of ``device`` (created, seeded, on first use)."""
+        device = torch.device(device)
+        if device.type != "cpu" and device.index is None:
+            device = torch.device(device.type, torch.get_device_module(device.type).current_device())
+        if device not in self._generators:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self._generator_seed + 7919 * (0 if device.type == "cpu" else 1 + (device.index or 0)))
+            self._generators[device] = gen
+        return self._generators[device]
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The generator of the first parameter's device (the one a single-device run uses)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                return self.generator_for(p.device)
+        return self.generator_for("cpu")
+
+    # ---- state dict ---------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict (the stored FP8/FP16 tensors, not widened) plus the generators' states."""
+        sd = super().state_dict()
+        sd["generator_seed"] = self._generator_seed
+        sd["generators"] = {str(dev): gen.get_state() for dev, gen in self._generators.items()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a ``state_dict()``: state tensors keep their stored dtypes; generators resume exactly."""
+        sd = dict(state_dict)
+        generators = sd.pop("generators", {})
+        seed = sd.pop("generator_seed", self._generator_seed)
+        for i, (mine, saved) in enumerate(zip(self.param_groups, sd["param_groups"])):
+            if mine.get("state") != saved.get("state"):
+                raise ValueError(f"param group {i}: optimizer state is {mine.get('state')!r} here but "
+                                 f"{saved.get('state')!r} in the loaded state dict")
+        super().load_state_dict(sd)
+        # torch casts every state tensor to the parameter's dtype; put back the stored ones, copied.
+        saved_ids = [pid for g in sd["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            if pid in sd["state"]:
+                self.state[p] = {k: (v.to(device=p.device if k != "step" else v.device, copy=True).contiguous()
+                                     if isinstance(v, torch.Tensor) else v)
+                                 for k, v in sd["state"][pid].items()}
+        for group in self.param_groups:  # a state dict from an older version may lack newer options
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        self._generator_seed = int(seed)
+        self._generators = {}
+        for dev, gen_state in generators.items():
+            self.generator_for(dev).set_state(gen_state.clone())
+
+    # ---- the step -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimizer step over every parameter with a gradient; returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError("fp8lm.optim.AdamW does not support sparse gradients")
+                if group["state"] == "fp32":
+                    self._step_fp32(p, group)
+                else:
+                    self._step_fp8(p, group)
+        return loss
+
+    def _grad_hp(self, p: torch.Tensor) -> torch.Tensor:
+        """The gradient as a plain tensor (dequantized when it is a ScaledTensor)."""
+        return p.grad.dequantize() if is_scaled(p.grad) else p.grad
+
+    def _begin(self, p: torch.Tensor, group: dict) -> tuple[float, float, float, float, float, int]:
+        """Advance ``step`` and read the group's scalars: (lr, beta1, beta2, eps, wd, step)."""
+        step_t = self.state[p]["step"]
+        step_t += 1
+        beta1, beta2 = (_to_float(b, "beta") for b in group["betas"])
+        return (_to_float(group["lr"], "lr"), beta1, beta2, _to_float(group["eps"], "eps"),
+                _to_float(group["weight_decay"], "weight_decay"), int(step_t.item()))
+
+    def _write_back(self, p: torch.Tensor, w_hp: torch.Tensor) -> None:
+        """Store the FP32 result ``w_hp`` into ``p`` (stochastic rounding for ScaledTensors)."""
+        if is_scaled(p):
+            p.assign_hp_(w_hp, stochastic=True, generator=self.generator_for(p.device))
+        elif w_hp is not p:
+            p.copy_(w_hp)
+
+    def _step_fp32(self, p: torch.Tensor, group: dict) -> None:
+        """torch's single-tensor Adam step, op for op, on FP32 state (reference mode, level O1)."""
+        state = self.state[p]
+        scaled = is_scaled(p)
+        if not state:
+            like = torch.zeros(p.shape, dtype=torch.float32, device=p.device) if scaled else p
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(like, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
+        lr, beta1, beta2, eps, wd, step = self._begin(p, group)
+        w = p.dequantize() if scaled else p
+        grad = self._grad_hp(p)
+        if wd != 0:
+            if group["decoupled"]:
+                w.mul_(1 - lr * wd)
+            else:
+                grad = grad.add(w, alpha=wd)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step_size = lr / (1 - beta1**step)
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        w.addcdiv_(exp_avg, denom, value=-step_size)
+        if scaled:
+            self._write_back(p, w)
+
+    def _init_fp8_state(self, p: torch.Tensor, group: dict) -> None:
+        """Zero FP8 m and FP16 v with unit scales (one scale per block for m_scaling="block")."""
+        state = self.state[p]
+        n_scales = _num_blocks(p.numel(), group["block_size"]) if group["m_scaling"] == "block" else None
+        ones = dict(dtype=torch.float32, device=p.device)
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["exp_avg"] = torch.zeros(p.shape, dtype=E4M3.dtype, device=p.device)
+        state["exp_avg_scale"] = torch.ones((), **ones) if n_scales is None else torch.ones(n_scales, **ones)
+        state["exp_avg_sq"] = torch.zeros(p.shape, dtype=FP16.dtype, device=p.device)
+        state["exp_avg_sq_scale"] = torch.ones((), **ones)
+
+    def _step_fp8(self, p: torch.Tensor, group: dict) -> None:
+        """One step with FP8 m / FP16 v state, in chunks of ``chunk_size`` elements (module docstring).
+
+        Pass 1 computes the new m and v chunk by chunk only for their amax (the new scales);
+        pass 2 recomputes them, encodes them with those scales and updates the weights.
+        """
+        state = self.state[p]
+        if not state:
+            self._init_fp8_state(p, group)
+        lr, beta1, beta2, eps, wd, step = self._begin(p, group)
+        bound_q, bound_update = _update_bound(beta1, beta2, step)
+        w = p.dequantize() if is_scaled(p) else p
+        w_hp = w if (w.dtype == torch.float32 and w.is_contiguous()) else w.float().contiguous()
+        if wd != 0 and group["decoupled"]:
+            w_hp.mul_(1 - lr * wd)
+        ctx = _Fp8Step(state, group, p.grad, w_hp.view(-1), beta1, beta2, 0.0 if group["decoupled"] else wd)
+        v_scale, m_scale = ctx.new_scales(bound_q)
+        ctx.encode_and_update(v_scale, m_scale, bound_q, bound_update, self.generator_for(p.device),
+                              step_size=lr / (1 - beta1**step), bc2_sqrt=(1 - beta2**step) ** 0.5, eps=eps)
+        if is_scaled(p):
+            self._write_back(p, w_hp)
+        elif w_hp is not p:
+            p.copy_(w_hp)
+
+    @torch.no_grad()
+    def moments(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adam's (m, v) of parameter ``p`` as FP32 tensors, decoded from whatever is stored."""
+        state, group = self.state.get(p), self._group_of(p)
+        if not state:
+            raise ValueError("this parameter has no optimizer state yet (no step taken with a gradient)")
+        if group["state"] == "fp32":
+            return state["exp_avg"].float().clone(), state["exp_avg_sq"].float().clone()
+        ctx = _Fp8Step(state, group, None, None, 0.0, 0.0, 0.0)
+        r, m = ctx.decode(0, p.numel())
+        return m.view(p.shape), r.square_().view(p.shape)
+
+    def _group_of(self, p: torch.Tensor) -> dict:
+        """The param group holding ``p``."""
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise ValueError("this parameter is not managed by this optimizer")
+
+
+class _Fp8Step:
+    """The FP8-state update of one parameter, chunk by chunk over its flattened elements.
+
+    Every temporary is a chunk (``group["chunk_size"]`` elements, rounded to whole blocks), so
+    the transient memory is a few FP32 chunks whatever the parameter's size.
+    """
+
+    def __init__(self, state: dict, group: dict, grad, w_flat, beta1: float, beta2: float, l2: float):
+        self.state, self.group, self.grad, self.w_flat = state, group, grad, w_flat
+        self.beta1, self.beta2, self.l2 = beta1, beta2, l2
+        self.m_fp8 = state["exp_avg"].view(-1)
+        self.v_fp16 = state["exp_avg_sq"].view(-1)
+        self.m_scale_old = state["exp_avg_scale"].clone()
+        self.v_scale_old = state["exp_avg_sq_scale"].clone()
+        self.block = group["block_size"]
+        chunk = max(1, group["chunk_size"])
+        self.chunk = -(-chunk // self.block) * self.block if group["m_scaling"] == "block" else chunk
+        self.sqrt_storage = group["v_storage"] == "sqrt"
+        self.stochastic = group["rounding"] == "stochastic"
+
+    def chunks(self):
+        n = self.m_fp8.numel()
+        return ((i, min(i + self.chunk, n)) for i in range(0, n, self.chunk))
+
+    # ---- decoding -------------------------------------------------------------------------
+
+    def decode(self, i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt(v), m) of elements i:j in FP32, fresh buffers, from the stored bytes and old scales."""
+        r = self.v_fp16[i:j].float().div_(self.v_scale_old)
+        if not self.sqrt_storage:
+            r.sqrt_()
+        m_scaling = self.group["m_scaling"]
+        if m_scaling == "block":
+            blocks = _block_view(self.m_fp8[i:j].float(), self.block)
+            blocks.div_(self.m_scale_old[i // self.block: i // self.block + blocks.shape[0], None])
+            return r, blocks.view(-1)[: j - i].clone()
+        m = self.m_fp8[i:j].float().div_(self.m_scale_old)
+        return r, (m.mul_(r) if m_scaling == "normalized" else m)
+
+    def grad_chunk(self, i: int, j: int) -> torch.Tensor:
+        """The gradient of elements i:j in FP32 (plus Adam's L2 term); never written to."""
+        g = self.grad
+        if is_scaled(g):  # the contract's storage: _data (FP8, or a wider accumulation buffer) / _scale
+            g_hp = g._data.reshape(-1)[i:j].float() / g._scale
+        else:
+            g_hp = g.reshape(-1)[i:j].float()
+        return g_hp.add(self.w_flat[i:j], alpha=self.l2) if self.l2 != 0 else g_hp
+
+    def moments_new(self, i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's (m, v) of elements i:j in FP32."""
+        g = self.grad_chunk(i, j)
+        r, m = self.decode(i, j)
+        m.lerp_(g, 1 - self.beta1)
+        v = r.square_().mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)  # reuses r's buffer
+        return m, v
+
+    # ---- pass 1: scales ---------------------------------------------------------------------
+
+    def new_scales(self, bound_q: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Power-of-two scales for the new v (or sqrt(v)) and the new m (or q), from their amax."""
+        device = self.m_fp8.device
+        amax_v = torch.zeros((), device=device)
+        amax_m = torch.zeros((), device=device)
+        m_scaling = self.group["m_scaling"]
+        for i, j in self.chunks():
+            m, v = self.moments_new(i, j)
+            r = v.sqrt_()
+            amax_v = torch.maximum(amax_v, r.amax())
+            if m_scaling == "normalized":
+                q = torch.where(r > 0, m.abs_().div_(r), torch.zeros((), device=device))
+                amax_m = torch.maximum(amax_m, q.amax())
+            elif m_scaling == "tensor":
+                amax_m = torch.maximum(amax_m, m.abs_().amax())
+        v_scale = formats.scale_from_amax(amax_v if self.sqrt_storage else amax_v.square(), FP16, pow2=True)
+        if m_scaling == "block":
+            return v_scale, None
+        if m_scaling == "normalized":  # room for the rounding of the stored sqrt(v) that q divides by
+            amax_m = amax_m.clamp(max=bound_q) * (1 + 2.0**-8)
+        return v_scale, formats.scale_from_amax(amax_m, E4M3, pow2=True)
+
+    # ---- pass 2: encode and update ----------------------------------------------------------
+
+    def encode_and_update(self, v_scale, m_scale, bound_q: float, bound_update: float, gen, *,
+                          step_size: float, bc2_sqrt: float, eps: float) -> None:
+        """Recompute each chunk's m and v, store them with the new scales, update its weights."""
+        block_scales = []
+        for i, j in self.chunks():
+            m, v = self.moments_new(i, j)
+            r = v.sqrt_()  # this step's exact sqrt(v), in v's buffer
+            r_stored = self._store_v(i, j, r, v_scale, gen)
+            block_scales.append(self._store_m(i, j, m, r_stored, m_scale, bound_q, gen))
+            del r_stored
+            denom = r.div_(bc2_sqrt).add_(eps)
+            update = m.div_(denom).clamp_(-bound_update, bound_update)
+            self.w_flat[i:j].add_(update, alpha=-step_size)
+        self.state["exp_avg_sq_scale"].copy_(v_scale)
+        if self.group["m_scaling"] == "block":
+            if block_scales:
+                self.state["exp_avg_scale"].copy_(torch.cat(block_scales))
+        else:
+            self.state["exp_avg_scale"].copy_(m_scale)
+
+    def _store_v(self, i: int, j: int, r: torch.Tensor, v_scale, gen) -> torch.Tensor:
+        """Encode sqrt(v) = ``r`` (or v) of elements i:j into FP16; return the stored sqrt(v) in FP32."""
+        x = r if self.sqrt_storage else r.square()
+        self.v_fp16[i:j].copy_(_encode(x, FP16, v_scale, self.stochastic, gen))
+        r = self.v_fp16[i:j].float().div_(v_scale)
+        return r if self.sqrt_storage else r.sqrt_()
+
+    def _store_m(self, i: int, j: int, m: torch.Tensor, r_stored, m_scale, bound_q: float, gen):
+        """Encode m (or q = m / stored sqrt(v)) of elements i:j into E4M3; returns block scales or None."""
+        m_scaling = self.group["m_scaling"]
+        if m_scaling == "block":
+            blocks = _block_view(m, self.block)
+            scales = formats.scale_from_amax(blocks.abs().amax(dim=1), E4M3, pow2=True)
+            m_fp8 = _encode(blocks, E4M3, scales[:, None], self.stochastic, gen)
+            self.m_fp8[i:j].copy_(m_fp8.view(-1)[: j - i])
+            return scales
+        if m_scaling == "normalized":
+            x = torch.where(r_stored > 0, m / r_stored, torch.zeros((), device=m.device)).clamp_(-bound_q, bound_q)
+        else:
+            x = m
+        self.m_fp8[i:j].copy_(_encode(x, E4M3, m_scale, self.stochastic, gen))
+        return None

@@ -38,7 +38,7 @@ dtypes, another optimizer class.
 Export: ``export_weights`` writes the ``state_dict`` entries (the original, pre-conversion
 names: conversion keeps them) as BF16 safetensors; scaled tensors are dequantized
 (``_data.float() / _scale``) first. Non-persistent buffers (scaling state, rotary tables) are
-left out, so ``GPT(get_config(preset)).load_state_dict(load_file(out))`` works without fp8lm.
+left out, so ``build_model(preset).load_state_dict(load_file(out))`` works without fp8lm (GPT or UnitGPT).
 """
 from __future__ import annotations
 

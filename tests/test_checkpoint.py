@@ -389,3 +389,23 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
             main(args)
         err = capsys.readouterr().err.splitlines()
         assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("fp8lm: error: ") and word in err[0], (args, err)
+
+
+def test_export_of_unit_model_loads_into_plain_unit_model(tmp_path, seed):
+    """Unit-scaled models export the same way: a UnitGPT built without fp8lm takes the weights."""
+    from fp8lm.models import build_model
+    shape = dict(dim=32, n_layers=2, n_heads=2, ffn_dim=48, seq_len=16)
+    model = build_model("unit-tiny", vocab_size=64, **shape)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, opt = fp8lm.initialize(model, opt, level="O2", recipe="static")
+    x = torch.randint(0, 64, (2, 16))
+    model(x, x)[1].backward()
+    opt.step()
+    save_checkpoint(tmp_path / "ck", model, opt, step=1)
+    info = export_weights(tmp_path / "ck", tmp_path / "unit.safetensors")
+    plain = build_model("unit-tiny", vocab_size=64, **shape)  # no fp8lm conversion
+    plain.load_state_dict(load_file(str(tmp_path / "unit.safetensors")), strict=True)
+    assert info["params"] == sum(p.numel() for p in plain.parameters())
+    for name, value in model.state_dict().items():
+        value = value.dequantize() if fp8lm.tensor.is_scaled(value) else value
+        torch.testing.assert_close(plain.state_dict()[name].float(), value.float().to(torch.bfloat16).float())

@@ -11,10 +11,11 @@ memory)
   python3 -c "import torch; print('torch', torch.__version__)"
   echo "== GPU tests"
   python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -2
-  echo "== llama-0.75b peak memory, same batch, O0 / O1 / O2"
-  for L in O0 O1 O2; do
-    python3 -m fp8lm train --preset llama-0.75b --level $L --steps 8 --device cuda --eval-every 8 \
-      --eval-batches 1 --no-progress --metrics-out "$OUT/mem_$L.json" 2>&1 | grep -v Warning | tail -3
+  echo "== llama-0.75b peak memory, same batch, O0 / O1 / O2 / O2 without FP8 saved activations"
+  for L in O0 O1 O2 O2:off; do
+    python3 -m fp8lm train --preset llama-0.75b --level ${L%%:*} --steps 8 --device cuda --eval-every 8 \
+      --eval-batches 1 --no-progress --metrics-out "$OUT/mem_$L.json" \
+      $([ "$L" = O2:off ] && echo --fp8-activations off) 2>&1 | grep -v Warning | tail -3
   done
   echo "== gpt-125m speed probe, 40 steps per level"
   for L in O0 O1 O2; do
@@ -23,7 +24,7 @@ memory)
   done
   python3 - "$OUT" <<'PY'
 import json, sys
-rows = {L: json.load(open(f"{sys.argv[1]}/mem_{L}.json")) for L in ("O0", "O1", "O2")}
+rows = {L: json.load(open(f"{sys.argv[1]}/mem_{L}.json")) for L in ("O0", "O1", "O2", "O2:off")}
 o0 = rows["O0"]["peak_mem_bytes"]
 print("level  peak GiB  vs O0   tokens/s")
 for L, m in rows.items():

@@ -13,6 +13,9 @@ Levels (see README.md for the full table):
 * ``O2``: O1 with FP8/FP16 optimizer state: ``fp8lm.optim.AdamW(state="fp8")`` keeps Adam's m in
   FP8 (E4M3) and v in FP16, each with a scale. Linear weights then hold 2 (weight) + 1 (gradient)
   + 1 (m) + 2 (v) = 6 bytes per parameter plus scales, against 16 for O0's FP32 + AdamW.
+* ``O3`` (only with ``dp="fsdp"``, under ``torch.distributed``): O2 sharded by FSDP2; each rank keeps its
+  rows of the FP16 masters and of the FP8 m / FP16 v, and weights are all-gathered in FP8
+  (``fp8lm.distributed.fsdp``). ``dp="fsdp"`` at O0 is plain BF16 FSDP2 (the baseline).
 
 What "eligible" means, and the reasons reported for the layers that stay in high precision:
 
@@ -58,13 +61,14 @@ from fp8lm.scaling import Recipe, get_recipe
 
 __all__ = ["LEVELS", "LEVEL_DESCRIPTIONS", "initialize", "ConversionReport", "LayerDecision", "conversion_report"]
 
-LEVELS = ("O0", "O1", "O2")
+LEVELS = ("O0", "O1", "O2", "O3")
 LEVEL_DESCRIPTIONS = {
     "O0": "BF16 autocast everywhere (the baseline)",
     "O1": "FP8 GEMMs, FP16 master weights + FP8 weight gradients, FP32 Adam m/v",
     "O2": "FP8 GEMMs, FP16 master weights + FP8 weight gradients, FP8 Adam m / FP16 v",
+    "O3": "O2 sharded with FSDP2 (dp='fsdp'): FP16 master and FP8 m / FP16 v shards, 1-byte FP8 weight all-gathers",
 }
-_OPTIMIZER_STATE = {"O1": "fp32", "O2": "fp8"}
+_OPTIMIZER_STATE = {"O1": "fp32", "O2": "fp8", "O3": "fp8"}
 _ADAM_TYPES = (torch.optim.Adam, torch.optim.AdamW)
 _HEAD_NAMES = ("lm_head", "head", "output")
 logger = logging.getLogger("fp8lm")
@@ -89,6 +93,7 @@ class ConversionReport:
     level: str
     recipe: Recipe | None
     layers: list[LayerDecision] = field(default_factory=list)
+    fp8_activations: list[str] = field(default_factory=list)  # modules saving FP8 activations for backward
 
     @property
     def fp8_layers(self) -> list[str]:
@@ -110,6 +115,9 @@ class ConversionReport:
             elif d.master == "fp32" and self.level != "O0":
                 lines.append(f"  FP32 weight kept: {d.name} ({d.in_features}->{d.out_features}): "
                              "its weight is shared with another module")
+        if self.fp8_activations:
+            lines.append(f"  FP8 saved activations: {len(self.fp8_activations)} modules (norm inputs BF16; "
+                         "SwiGLU and attention inputs E4M3 per row)")
         return "\n".join(lines)
 
 
@@ -130,6 +138,9 @@ def initialize(
     fp8_head: bool = False,
     min_features: int = 16,
     verbose: bool = True,
+    fp8_activations: bool | None = None,
+    optimizer_options: dict | None = None,
+    dp: str | None = None,
 ):
     """Put ``model`` at precision ``level`` in place and return ``(model, optimizer)``.
 
@@ -147,6 +158,16 @@ def initialize(
         fp8_head: also run the output head in FP8 (default: it stays in BF16).
         min_features: linear layers with a dimension below this stay in high precision.
         verbose: log the conversion summary (logger "fp8lm", level INFO).
+        fp8_activations: store activations saved for backward in FP8 where the model offers it
+            (modules with an ``fp8_saved_activations`` attribute, e.g. the GPT's SwiGLU, attention
+            and norms: ``fp8lm.nn.activations``). None means True at O2, False at O0/O1.
+        optimizer_options: keyword options for the ``fp8lm.optim.AdamW`` built at O1/O2 (e.g.
+            ``{"master_rounding": "nearest"}``, ``{"m_scaling": "tensor"}``).
+        dp: "ddp" makes the model data parallel over the initialized ``torch.distributed`` group
+            (``fp8lm.distributed``): rank 0's weights are broadcast and gradients are averaged at
+            the end of each backward (FP8 weight gradients travel in FP8). "fsdp" (levels O0 and
+            O3 only) shards it with FSDP2 per block and at the root, then rebuilds the optimizer on
+            the shards (``fp8lm.distributed.fsdp``). None: one process (refused at O3).
 
     Returns:
         ``(model, optimizer)``: at O1/O2 the optimizer is a new ``fp8lm.optim.AdamW`` over the
@@ -165,6 +186,9 @@ def initialize(
                          f"{model._fp8lm_report.level}); initialize a fresh model instead")
     if optimizer is not None and level != "O0":
         _check_adam(optimizer, level)
+    if dp is not None or level == "O3":
+        from fp8lm.distributed import check_dp
+        check_dp(dp, level)  # before anything is converted
     if level != "O0" and recipe.scaling == "static":
         exclude = _static_exclude(model, exclude)
     exclude_fn = _exclude_fn(exclude, _linear_names(model))
@@ -185,14 +209,36 @@ def initialize(
             if type(module) is nn.Linear:
                 HighPrecisionLinear.from_linear(module)
         report.layers.append(decision)
+    report.fp8_activations = _set_fp8_activations(model, level, fp8_activations)
     _install_autocast(model)
     model._fp8lm_report = report
-    if optimizer is not None and level != "O0":
+    if dp == "fsdp":
+        from fp8lm.distributed.fsdp import shard  # shards, then rebuilds the optimizer on the shards
+        optimizer = shard(model, optimizer, level, param_map, optimizer_options)
+    elif optimizer is not None and level != "O0":
         from fp8lm.optim import AdamW  # optim builds on nn and tensor: imported here, at use
-        optimizer = AdamW.from_optimizer(optimizer, state=_OPTIMIZER_STATE[level], param_map=param_map)
+        optimizer = AdamW.from_optimizer(optimizer, state=_OPTIMIZER_STATE[level], param_map=param_map,
+                                         **(optimizer_options or {}))
+    if dp == "ddp":
+        from fp8lm.distributed import wrap  # distributed builds on nn, optim and tensor
+        wrap(model, optimizer, level, dp)
     if verbose:
         logger.info(report.summary())
     return model, optimizer
+
+
+def _set_fp8_activations(model: nn.Module, level: str, flag: bool | None) -> list[str]:
+    """Set ``fp8_saved_activations`` on the modules that have it; return their names (empty if off)."""
+    if flag is None:
+        flag = level in ("O2", "O3")
+    if flag and level == "O0":
+        raise ValueError("fp8_activations=True needs an FP8 level (O1 or O2); O0 is the BF16 baseline")
+    names = []
+    for name, module in model.named_modules():
+        if hasattr(module, "fp8_saved_activations"):
+            module.fp8_saved_activations = bool(flag)
+            names += [name] if flag else []
+    return names
 
 
 def _check_adam(optimizer: torch.optim.Optimizer, level: str) -> None:

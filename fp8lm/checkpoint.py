@@ -245,6 +245,9 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         scheduler, sampler: anything with ``state_dict()`` / ``load_state_dict()`` (optional).
         extra: the caller's own state (plain containers, numbers, strings, tensors).
     """
+    if getattr(getattr(model, "_fp8lm_dp", None), "kind", None) == "fsdp":
+        raise ValueError("save_checkpoint does not support FSDP2-sharded models (dp='fsdp') yet: sharded state "
+                         "cannot be saved or loaded across world sizes; allowed: single-process or dp='ddp' models")
     if not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be an integer >= 0, got {step!r}")
     final = Path(os.path.expanduser(os.fspath(path)))

@@ -6,6 +6,9 @@
     fp8lm train   <the same arguments> --resume runs/a  (continues from the latest, up to --steps)
     fp8lm export  --checkpoint runs/a/step-000300 --out model.safetensors   (plain BF16 weights)
     fp8lm inspect --preset tiny --level O1 [--json-out inspect.json] [--png-out inspect.png]
+    fp8lm train   --nproc 2 --dp ddp ...  (torchrun on this machine; batch size stays global)
+    fp8lm train   --nproc 2 --dp fsdp --level O3 ...  (FSDP2, sharded FP8 training)
+    fp8lm bench   [--compile both] [--out bench.json]   (FP8 vs BF16 speed; on a CPU a smoke test)
 
 Bad arguments end with one line on stderr (`fp8lm: error: ...`) and exit code 2, with no
 usage dump and no traceback. Set FP8LM_DEBUG=1 to get the traceback of a library error.
@@ -13,12 +16,14 @@ usage dump and no traceback. Set FP8LM_DEBUG=1 to get the traceback of a library
 import argparse
 import logging
 import os
+import subprocess
 import sys
 
 import torch
 
 import fp8lm
 from fp8lm.data import CORPORA, TOKENIZERS
+from fp8lm.distributed import launch
 from fp8lm.models import PRESETS
 from fp8lm.train import TrainConfig
 
@@ -78,6 +83,12 @@ def add_common(p: argparse.ArgumentParser) -> None:
     """Options shared by `train` and `compare`: model, data, schedule, device."""
     p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model size (default tiny)")
     p.add_argument("--recipe", default="current", choices=list(fp8lm.RECIPES), help="FP8 scaling recipe")
+    p.add_argument("--fp8-activations", choices=["auto", "on", "off"], default="auto",
+                   help="store the activations that SwiGLU, attention and norms save for backward in FP8 "
+                        "(auto: on at O2, off at O1)")
+    p.add_argument("--master-rounding", choices=["stochastic", "nearest"], default="stochastic",
+                   help="rounding of the FP16 master weights at O1/O2 (default stochastic; nearest drops "
+                        "updates below half an FP16 ulp)")
     p.add_argument("--steps", type=positive_int, default=300, help="optimizer steps (default 300)")
     p.add_argument("--data", help="a text file, a folder of text files, or a folder with train.bin/val.bin")
     p.add_argument("--corpus", default="python-stdlib", choices=list(CORPORA),
@@ -99,7 +110,7 @@ def build_parser() -> ArgumentParser:
     """The `fp8lm` parser and its subcommands."""
     parser = ArgumentParser(prog=PROG, description="Train LLMs in FP8 with PyTorch.")
     parser.add_argument("--version", action="version", version=f"{PROG} {fp8lm.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,compare,inspect,export}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,compare,inspect,export,bench}")
 
     t = sub.add_parser("train", help="train one model at one precision level")
     add_common(t)
@@ -111,17 +122,47 @@ def build_parser() -> ArgumentParser:
                    "give the same arguments as the interrupted run")
     t.add_argument("--inspect-every", type=positive_int,
                    help="log per-layer FP8 figures (fp8lm inspect) to the metrics every N steps")
+    t.add_argument("--nproc", type=positive_int, default=1,
+                   help="processes on this machine, started with torchrun (needs --dp; batch size stays global)")
+    t.add_argument("--dp", choices=["ddp", "fsdp"],
+                   help="data parallelism: ddp (O0/O1/O2; FP8 weight gradients travel in FP8); "
+                        "fsdp (FSDP2: O3, 1-byte FP8 weight all-gathers; O0: the BF16 baseline)")
 
     c = sub.add_parser("compare", help="train at several levels and compare the losses")
     add_common(c)
     c.add_argument("--levels", type=level_list, default=["O0", "O1"], help="comma-separated (default O0,O1)")
     c.add_argument("--out", default=os.path.join("runs", "compare"), help="output folder (default runs/compare)")
     add_inspect(sub)
+    add_bench(sub)
     e = sub.add_parser("export", help="write a checkpoint's weights as plain safetensors (BF16, original names)")
     e.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a run folder (its latest)")
     e.add_argument("--out", required=True, help="the .safetensors file to write")
     e.add_argument("--dtype", default="bf16", choices=list(EXPORT_DTYPES), help="default bf16")
     return parser
+
+
+def add_bench(sub) -> None:
+    """The `bench` subcommand: FP8 vs BF16 speed, GEMM and step level, in one process (`fp8lm.bench`)."""
+    b = sub.add_parser("bench", help="FP8 vs BF16 speed side by side: GEMMs and training steps (CPU: smoke test)")
+    b.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    b.add_argument("--preset", choices=list(PRESETS),
+                   help="step-level model (default llama-0.75b on CUDA, tiny on CPU)")
+    b.add_argument("--levels", type=level_list, help="comma-separated (default O0,O1,O2; O3 needs torch.distributed)")
+    b.add_argument("--recipe", default="current", choices=list(fp8lm.RECIPES), help="FP8 scaling recipe")
+    b.add_argument("--batch-size", type=positive_int, help="sequences per step (default 8 on CUDA, 4 on CPU)")
+    b.add_argument("--seq-len", type=positive_int,
+                   help="tokens per sequence (default: the preset's on CUDA, 64 on CPU)")
+    b.add_argument("--steps", type=positive_int, help="timed steps per configuration (default 10 on CUDA, 2 on CPU)")
+    b.add_argument("--warmup", type=positive_int, help="untimed steps first (default 3 on CUDA, 1 on CPU)")
+    b.add_argument("--gemm-repeats", type=positive_int, help="timed repeats per GEMM variant (default 20 on CUDA)")
+    b.add_argument("--compile", choices=["off", "on", "both"],
+                   help="torch.compile per block (default both on CUDA, off on CPU)")
+    b.add_argument("--no-torchao", action="store_true", help="skip the torchao columns even if torchao is importable")
+    b.add_argument("--skip-gemm", action="store_true", help="only the step level")
+    b.add_argument("--skip-step", action="store_true", help="only the GEMM level")
+    b.add_argument("--time-budget", type=positive_float, help="seconds; configurations not started by then are skipped")
+    b.add_argument("--out", help="write the results as JSON to this path")
+    b.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
 
 
 def add_inspect(sub) -> None:
@@ -145,13 +186,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig that the parsed arguments describe."""
     return TrainConfig(
         preset=args.preset, level=getattr(args, "level", "O1"), recipe=args.recipe, steps=args.steps,
+        fp8_activations={"auto": None, "on": True, "off": False}[args.fp8_activations],
+        master_rounding=args.master_rounding,
         batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
         seed=args.seed, device=args.device, data=args.data, corpus=args.corpus,
         tokenizer=args.tokenizer, vocab_size=args.vocab_size, eval_every=args.eval_every,
         eval_batches=args.eval_batches, metrics_out=getattr(args, "metrics_out", None),
         progress=not args.no_progress, inspect_every=getattr(args, "inspect_every", None),
         out_dir=getattr(args, "out_dir", None), save_every=getattr(args, "save_every", None),
-        resume=getattr(args, "resume", None),
+        resume=getattr(args, "resume", None), dp=getattr(args, "dp", None),
     )
 
 
@@ -163,6 +206,15 @@ def run(args: argparse.Namespace) -> None:
         print(f"fp8lm export: {info['tensors']} tensors, {info['params']:,} parameters ({args.dtype}, step "
               f"{info['step']}) -> {info['path']} ({info['bytes'] / 2**20:.1f} MiB)")
         return
+    if args.command == "bench":
+        from fp8lm.bench import BenchConfig, run_bench
+        run_bench(BenchConfig(
+            device=args.device, preset=args.preset, levels=args.levels, recipe=args.recipe,
+            batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps, warmup=args.warmup,
+            gemm_repeats=args.gemm_repeats, compile=args.compile, torchao=not args.no_torchao,
+            gemm=not args.skip_gemm, step=not args.skip_step, time_budget_s=args.time_budget, out=args.out,
+            progress=not args.no_progress, command=" ".join([PROG, *args.argv])))
+        return
     if args.command == "inspect":
         from fp8lm.inspection import inspect_preset
         cfg = TrainConfig(preset=args.preset, level=args.level, recipe=args.recipe, device=args.device,
@@ -173,10 +225,32 @@ def run(args: argparse.Namespace) -> None:
     cfg = config_from_args(args)
     if args.command == "train":
         from fp8lm.train import train
+        if args.nproc > 1 or (cfg.dp is not None and not launch.under_torchrun()):
+            launch_torchrun(args, cfg)
+            return
         train(cfg)
     else:
         from fp8lm.compare import compare
         compare(cfg, args.levels, args.out)
+
+
+def launch_torchrun(args: argparse.Namespace, cfg: TrainConfig) -> None:
+    """Check the run, then start `fp8lm train` (without --nproc) in `--nproc` processes through torchrun."""
+    from fp8lm.train import resolve_config
+    if cfg.dp is None:
+        raise ValueError(f"--nproc {args.nproc} needs --dp ddp or --dp fsdp (data parallelism)")
+    if launch.under_torchrun():
+        raise ValueError("--nproc starts torchrun itself; under torchrun, leave --nproc out")
+    launch.local_batch_size(resolve_config(cfg).batch_size, args.nproc)  # also checks the whole config
+    argv = [a for i, a in enumerate(args.argv) if not _is_nproc(args.argv, i)]
+    rc = subprocess.call(launch.torchrun_command(args.nproc, argv))
+    if rc:
+        raise ValueError(f"torchrun exited with code {rc} (the workers' messages are above)")
+
+
+def _is_nproc(argv: list[str], i: int) -> bool:
+    """Whether argv[i] is --nproc, its value, or --nproc=N."""
+    return argv[i] == "--nproc" or argv[i].startswith("--nproc=") or (i > 0 and argv[i - 1] == "--nproc")
 
 
 class StderrHandler(logging.StreamHandler):
@@ -205,6 +279,7 @@ def setup_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fp8lm` command; returns the exit code."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `bench` records them; `train --nproc` passes them to torchrun
     setup_logging()
     try:
         run(args)

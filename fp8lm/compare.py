@@ -41,8 +41,8 @@ def compare(base_cfg: TrainConfig, levels: list[str], out_dir: str) -> dict:
     levels = list(levels)
     check_levels(levels)
     for level in levels:
-        check_config(replace(base_cfg, level=level))
-    runs = {level: train(replace(base_cfg, level=level, metrics_out=None)) for level in levels}
+        check_config(_at_level(base_cfg, level))
+    runs = {level: train(replace(_at_level(base_cfg, level), metrics_out=None)) for level in levels}
     base = runs[levels[0]]
     result = {
         "baseline": levels[0],
@@ -113,3 +113,8 @@ def format_table(result: dict) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _at_level(cfg: TrainConfig, level: str) -> TrainConfig:
+    """``cfg`` at ``level``; the O0 baseline never stores FP8 activations."""
+    return replace(cfg, level=level, fp8_activations=None if level == "O0" else cfg.fp8_activations)

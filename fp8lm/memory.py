@@ -54,7 +54,7 @@ def tensor_storages(t: torch.Tensor):
         inner = [getattr(t, n) for n in names]
         inner += [v for v in vars(t).values() if isinstance(v, torch.Tensor)]
         for x in inner:
-            if x is not None and x is not t:
+            if isinstance(x, torch.Tensor) and x is not t:  # (a DTensor also names its mesh)
                 yield from tensor_storages(x)
         return
     if t.device.type == "meta":

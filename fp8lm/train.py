@@ -38,6 +38,7 @@ flushed fractions of every linear's six tensors) before steps 0, N, 2N, ... (and
 step when N divides `steps`) to `metrics["inspect"]`, on the first validation batch; the
 inspection changes neither the model nor its scaling state, so the losses stay bit-identical.
 """
+import contextlib
 import json
 import math
 import os
@@ -54,6 +55,8 @@ from fp8lm.data import BatchSampler, fixed_batches, load_corpus
 from fp8lm.memory import memory_report
 from fp8lm.inspection import inspect as inspect_model
 from fp8lm import models
+from fp8lm import distributed as fp8dist
+from fp8lm.distributed import launch as dist_launch
 from fp8lm.models import PRESETS
 
 # Training defaults per preset. `warmup` is capped at a tenth of the run when not set explicitly.
@@ -75,6 +78,8 @@ class TrainConfig:
     preset: str = "tiny"
     level: str = "O1"
     recipe: str = "current"
+    fp8_activations: bool | None = None  # FP8 storage of saved activations; None: on at O2 (fp8lm.initialize)
+    master_rounding: str = "stochastic"  # FP16 master weights at O1/O2: "stochastic" or "nearest"
     steps: int = 300
     batch_size: int | None = None
     seq_len: int | None = None
@@ -97,6 +102,7 @@ class TrainConfig:
     resume: str | None = None  # a checkpoint folder, or a run folder (its latest step-*)
     progress: bool = True
     inspect_every: int | None = None  # log fp8lm.inspect figures every N steps (metrics["inspect"])
+    dp: str | None = None  # "ddp" / "fsdp" (O0, O3): data parallel under torchrun (fp8lm.distributed); batch_size stays global
 
 
 def resolve_device(device: str) -> str:
@@ -116,8 +122,16 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"unknown preset {cfg.preset!r}; allowed: {', '.join(PRESETS)}")
     if cfg.level not in fp8lm.LEVELS:
         raise ValueError(f"unknown level {cfg.level!r}; allowed: {', '.join(fp8lm.LEVELS)}")
+    fp8dist.check_dp(cfg.dp, cfg.level)
+    if cfg.dp is not None and cfg.inspect_every:
+        raise ValueError("inspect_every is not supported with dp yet (its backward pass would synchronize)")
+    if cfg.dp == "fsdp" and (cfg.out_dir or cfg.resume):
+        raise ValueError("checkpoints are not supported with dp='fsdp' yet (sharded state); drop --out/--resume "
+                         "or use dp='ddp'")
     if cfg.recipe not in fp8lm.RECIPES:
         raise ValueError(f"unknown recipe {cfg.recipe!r}; allowed: {', '.join(fp8lm.RECIPES)}")
+    if cfg.master_rounding not in ("stochastic", "nearest"):
+        raise ValueError(f"unknown master_rounding {cfg.master_rounding!r}; allowed: stochastic, nearest")
     if not isinstance(cfg.steps, int) or cfg.steps <= 0:
         raise ValueError(f"steps must be a positive integer, got {cfg.steps!r}")
     for name in ("batch_size", "seq_len", "eval_every", "eval_batches", "inspect_every"):
@@ -215,31 +229,42 @@ def evaluate(model: torch.nn.Module, batches) -> float:
     model.eval()
     losses = [model(x, y)[1].float() for x, y in batches]
     model.train()
-    return torch.stack(losses).mean().item()
+    mean = torch.stack(losses).mean()
+    return fp8dist.mean_over_ranks(mean) if fp8dist.grad_sync(model) else mean.item()  # the global mean
 
 
 def train(cfg: TrainConfig) -> dict:
     """Train `cfg.preset` at `cfg.level` for `cfg.steps` steps; return (and maybe write) the metrics."""
     t_start = time.perf_counter()
     cfg = resolve_config(cfg)
+    cfg, rank, world, own_group = setup_data_parallel(cfg)
     # Reading files is quick; only BPE training is slow enough to deserve a progress bar.
     corpus = load_corpus(cfg.corpus, data=cfg.data, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size,
                          progress=cfg.progress and cfg.tokenizer == "bpe")
     B, T = cfg.batch_size, cfg.seq_len
     sampler = BatchSampler(corpus.train, B, T, seed=cfg.seed, device=cfg.device)
     val_batches = fixed_batches(corpus.val, B, T, cfg.eval_batches, seed=0, device=cfg.device)
+    if cfg.dp is not None:  # each rank takes its rows of every global batch
+        sampler = dist_launch.RankSlice(sampler, rank, world)
+        val_batches = dist_launch.slice_batches(val_batches, rank, world)
     resume_meta = check_resume(cfg, corpus.fingerprint) if cfg.resume else None
 
     model = build_model(cfg, corpus.vocab_size)
     optimizer = build_optimizer(model, cfg)
     model, optimizer = fp8lm.initialize(model, optimizer, level=cfg.level, recipe=cfg.recipe,
-                                        verbose=cfg.progress)
+                                        verbose=cfg.progress, fp8_activations=cfg.fp8_activations, dp=cfg.dp,
+                                        optimizer_options={"master_rounding": cfg.master_rounding})
     if cfg.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(cfg.device)
 
     state = resume_state(model, optimizer, sampler, cfg, resume_meta) if resume_meta else None
-    save = checkpoint_saver(model, optimizer, sampler, cfg, corpus.fingerprint) if cfg.out_dir else None
-    loop = run_loop(model, optimizer, sampler, val_batches, cfg, state, save)
+    save = checkpoint_saver(model, optimizer, sampler, cfg, corpus.fingerprint) if cfg.out_dir and rank == 0 else None
+    with contextlib.ExitStack() as quiet:
+        if rank != 0:  # only rank 0 prints
+            quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(os.devnull, "w"))))
+        loop = run_loop(model, optimizer, sampler, val_batches, cfg, state, save)
+    if cfg.dp is not None:
+        loop["distributed"] = fp8dist.grad_sync(model).summary()
     metrics = {
         "preset": cfg.preset, "level": cfg.level, "recipe": cfg.recipe, "device": cfg.device,
         "steps": cfg.steps, "seed": cfg.seed, "num_params": model.num_params(),
@@ -249,10 +274,30 @@ def train(cfg: TrainConfig) -> dict:
         "data_fingerprint": corpus.fingerprint, "torch_version": torch.__version__,
         "config": asdict(cfg), "wall_s": time.perf_counter() - t_start,
     }
+    if own_group:
+        torch.distributed.destroy_process_group()
+    if rank != 0:
+        return metrics
     print(summary_line(metrics))
+    if cfg.dp is not None:
+        print(fp8dist.grad_sync(model).summary_line())
     if cfg.metrics_out:
         write_json(metrics, cfg.metrics_out)
     return metrics
+
+
+def setup_data_parallel(cfg: TrainConfig) -> tuple[TrainConfig, int, int, bool]:
+    """With `cfg.dp`, join torchrun's process group: `(cfg on this rank's device, rank, world, created)`.
+
+    Checks that the global batch divides by the number of processes; only rank 0 shows progress.
+    """
+    if cfg.dp is None:
+        return cfg, 0, 1, False
+    created = not fp8dist.is_distributed()
+    device = dist_launch.init_from_env(cfg.device)
+    rank, world = fp8dist.rank(), fp8dist.world_size()
+    dist_launch.local_batch_size(cfg.batch_size, world)
+    return replace(cfg, device=device, progress=cfg.progress and rank == 0), rank, world, created
 
 
 def run_loop(model, optimizer, sampler, val_batches, cfg: TrainConfig, state: dict | None = None,
@@ -321,7 +366,7 @@ def record_memory(memory: list, model, optimizer, step: int, steps: int) -> None
 
 
 # Settings a resumed run must share with the checkpoint's run (anything else would change its path).
-RESUME_MUST_MATCH = ("preset", "level", "recipe", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup",
+RESUME_MUST_MATCH = ("preset", "level", "recipe", "fp8_activations", "master_rounding", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup",
                      "weight_decay", "grad_clip", "seed", "tokenizer", "vocab_size")
 
 
@@ -344,6 +389,7 @@ def check_resume(cfg: TrainConfig, fingerprint: dict) -> dict:
     saved = (meta.get("extra") or {}).get("config")
     if not isinstance(saved, dict) or "loop" not in meta["extra"]:
         raise ValueError(f"checkpoint '{meta['path']}' was not written by fp8lm train (no training config in it)")
+    saved = {**{k: getattr(TrainConfig(), k) for k in RESUME_MUST_MATCH}, **saved}  # fields newer than the checkpoint
     diffs = [f"{k} {saved.get(k)!r} vs {getattr(cfg, k)!r}" for k in RESUME_MUST_MATCH if saved.get(k) != getattr(cfg, k)]
     if (meta["extra"].get("data_fingerprint") or {}).get("sha256") != fingerprint["sha256"]:
         diffs.append("data (its fingerprint differs)")
@@ -388,7 +434,7 @@ def train_step(model, optimizer, sampler, lr: float, grad_clip: float, on_grads=
         on_grads()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    loss_value = loss.item()
+    loss_value = fp8dist.mean_over_ranks(loss.detach()) if fp8dist.grad_sync(model) else loss.item()  # global mean
     ok = math.isfinite(loss_value) and bool(torch.isfinite(grad_norm))
     if ok:
         optimizer.step()

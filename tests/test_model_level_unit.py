@@ -1,4 +1,4 @@
-"""Model-level bars of the unit-scaled GPT (unit-tiny, 300 steps of 16 x 128 tokens, seed 1337).
+"""Model-level bars of the unit-scaled GPT (unit-tiny, 200 steps of 16 x 128 tokens, seed 1337).
 
 * FP8 with static scales (level O1, recipe "static": scale 1, no amax anywhere) ends within 2% of
   the same unit-scaled model in BF16 (O0), final validation loss.

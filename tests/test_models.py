@@ -115,7 +115,7 @@ def test_rope_buffers_not_in_state_dict():
     assert not any("rope" in k for k in GPT(SMALL).state_dict())
 
 
-@pytest.mark.parametrize("level", [None, *fp8lm.LEVELS])
+@pytest.mark.parametrize("level", [None, *(lv for lv in fp8lm.LEVELS if lv != "O3")])  # O3: tests/test_fsdp.py
 def test_tiny_forward_backward_finite(level):
     torch.manual_seed(0)
     model = GPT(get_config("tiny"))

@@ -438,3 +438,26 @@ def test_chunked_step_equals_whole_tensor_step(seed, m_scaling):
     assert torch.equal(a, b)
     for key, value in opts[0].state[a].items():
         assert torch.equal(value, opts[1].state[b][key])
+
+
+@pytest.mark.parametrize("master_rounding", ["stochastic", "nearest"])
+def test_master_rounding_keeps_or_drops_small_updates(seed, master_rounding):
+    """An FP16 master of 0.1 moved by 6e-6 a step (relative 6e-5, an eighth of half an FP16 ulp):
+    round-to-nearest drops every update; stochastic rounding moves it the right distance on average."""
+    w0 = 0.1 * (1 + 0.01 * torch.rand(4096))
+    p = torch.nn.Parameter(ScaledTensor.from_hp(w0, torch.float16))
+    start = p.dequantize()
+    opt = AdamW([p], lr=6e-6, weight_decay=0.0, state="fp8", master_rounding=master_rounding)
+    for _ in range(50):
+        p.grad = ScaledTensor.from_hp(-torch.ones(4096), torch.float8_e5m2)  # Adam's step: +lr each time
+        opt.step()
+    moved = (p.dequantize() - start).double()
+    if master_rounding == "nearest":
+        assert torch.equal(moved, torch.zeros_like(moved))
+    else:
+        assert abs(float(moved.mean()) / (50 * 6e-6) - 1) < 0.05
+
+
+def test_master_rounding_refuses_unknown():
+    with pytest.raises(ValueError, match="invalid master_rounding 'up'"):
+        AdamW([torch.nn.Parameter(torch.ones(2))], master_rounding="up")

@@ -5,6 +5,8 @@
 Pieces: RMSNorm (computed in float32), rotary position embeddings (RoPE), causal
 multi-head attention through `F.scaled_dot_product_attention` with a fused QKV
 projection, a SwiGLU MLP with a fused gate/up projection, and an untied output head.
+Norm, SwiGLU and attention go through `fp8lm.nn.activations`, which saves less for backward
+(and, when `fp8lm.initialize` sets `fp8_saved_activations` at O2, saves it in FP8).
 
 Every matrix multiply lives in an `nn.Linear` without bias (`attn.qkv`, `attn.proj`,
 `mlp.gate_up`, `mlp.down`, `head`), so `fp8lm.initialize` can swap them for FP8
@@ -27,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fp8lm.nn.bf16 import causal_attention
+from fp8lm.nn.activations import causal_attention, rms_norm, swiglu
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,12 @@ def get_config(name: str, vocab_size: int | None = None) -> GPTConfig:
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm with a learned gain, computed in float32."""
+    """Root-mean-square norm with a learned gain, computed in float32 (`fp8lm.nn.activations.rms_norm`).
+
+    `fp8_saved_activations` (set by `fp8lm.initialize` at O2) saves the input for backward in BF16.
+    """
+
+    fp8_saved_activations = False
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -92,9 +99,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         """x / rms(x) * weight, in float32, returned in x's dtype."""
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float()).type_as(x)
+        return rms_norm(x, self.weight, self.eps, torch.bfloat16 if self.fp8_saved_activations else None)
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float):
@@ -112,7 +117,12 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention with a fused QKV projection and RoPE."""
+    """Causal multi-head self-attention with a fused QKV projection and RoPE.
+
+    `fp8_saved_activations` (set by `fp8lm.initialize` at O2) saves q, k, v for backward in FP8.
+    """
+
+    fp8_saved_activations = False
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -128,13 +138,18 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_heads, -1).transpose(1, 2)  # (B, nh, T, hd)
         v = v.view(B, T, self.n_heads, -1).transpose(1, 2)  # (B, nh, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = causal_attention(q, k, v)  # (B, nh, T, hd)
+        y = causal_attention(q, k, v, save_fp8=self.fp8_saved_activations)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.proj(y)  # (B, T, C)
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up fused in one GEMM."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up fused in one GEMM.
+
+    `fp8_saved_activations` (set by `fp8lm.initialize` at O2) saves [gate, up] for backward in FP8.
+    """
+
+    fp8_saved_activations = False
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -143,8 +158,8 @@ class MLP(nn.Module):
 
     def forward(self, x):
         """x (B, T, C) -> (B, T, C)."""
-        gate, up = self.gate_up(x).chunk(2, dim=-1)  # (B, T, F) each
-        return self.down(F.silu(gate) * up)  # (B, T, C)
+        h = swiglu(self.gate_up(x), save_fp8=self.fp8_saved_activations)  # (B, T, F)
+        return self.down(h)  # (B, T, C)
 
 
 class Block(nn.Module):

@@ -7,7 +7,9 @@ Numerics (``x`` is the input reshaped to (M, K), ``w`` the (N, K) weight, see ``
     grad_weight = grad_out_fp8.T @ x_fp8     E5M2 x E4M3, output in the weight's dtype
     grad_bias   = grad_out.sum(0)            high precision
 
-Each cast has its own per-tensor scale from the recipe (current, delayed, or static = 1). The forward saves
+Each cast has its own per-tensor scale from the recipe (current, delayed, or static = 1); a weight that
+arrives already in E4M3 (a ``ScaledTensor`` with FP8 data: level O3's all-gathered weight,
+``fp8lm.distributed.fsdp``) is used as ``w_fp8`` with its own scale, without a second cast. The forward saves
 ``x_fp8`` and ``w_fp8`` (1 byte per element) for backward, never the high-precision input.
 
 When is scaling state updated? Exactly once per training forward + backward:
@@ -21,6 +23,15 @@ When is scaling state updated? Exactly once per training forward + backward:
   activations are bit-identical.
 
 A module called several times per step (weight sharing) pushes one history entry per call.
+
+Fused casts (opt-in, eager CUDA runs with Triton: ``set_fused_cast(True)``; off by default until
+``fp8lm bench`` has measured them faster on a GPU, its ``fp8 triton`` column): each amax is one read-only Triton
+pass and each cast one pass that writes the FP8 tensor *and* its transpose (``fp8lm.ops.cast``),
+instead of about ten unfused elementwise passes with float32 temporaries plus the transposing copies
+``fp8_mm`` makes in backward. Backward then receives ``x_fp8`` and ``w_fp8`` as column-major views of
+the transposed copies (the layouts its GEMMs read), and ``grad_out``'s transpose comes from its cast.
+The bytes are identical to the plain path's (the kernels' test compares them with their twin bit for
+bit). Under ``torch.compile`` the plain path is traced and Inductor fuses it.
 
 Scaling state lives in non-persistent buffers (``fp8_amax_history``, ``fp8_last_scale``): it moves
 with ``.to()`` but stays out of ``state_dict`` so converted and plain models share checkpoint keys.
@@ -56,20 +67,46 @@ import torch
 from torch import nn
 
 from fp8lm.formats import FORMATS, Format, amax, quantize
+from fp8lm.ops.cast import fused_amax, fused_cast, triton_available
 from fp8lm.ops.gemm import fp8_mm
 from fp8lm.scaling import Recipe, compute_scale, static_scale, update_history
 from fp8lm.tensor import ScaledTensor
 
-__all__ = ["Float8Linear"]
+__all__ = ["Float8Linear", "set_fused_cast"]
 
 _X, _W, _G = 0, 1, 2  # rows of the scaling-state buffers
 MASTERS = ("fp32", "fp16")
 WGRAD_FORMATS = tuple(FORMATS)
 DEFAULT_WGRAD_FORMAT = "e4m3"  # storage of FP8 weight gradients (module docstring: measured)
+_FUSED = {"cast": False}  # Triton amax/cast/transpose in eager CUDA runs: off until measured faster (set_fused_cast)
+
+
+def set_fused_cast(enabled: bool) -> bool:
+    """Turn the Triton fused casts (``fp8lm.ops.cast``) of eager CUDA runs on or off; returns the old setting.
+
+    Either way the FP8 bytes, scales and outputs are bit-identical (the kernels' twin is the plain
+    path); only the number of passes over memory differs. Compiled code always takes the plain path,
+    which Inductor fuses itself.
+    """
+    old, _FUSED["cast"] = _FUSED["cast"], bool(enabled)
+    return old
+
+
+def _fused(t: torch.Tensor) -> bool:
+    """Whether ``t`` takes the Triton fused cast: eager, on CUDA, with Triton, and switched on."""
+    return (_FUSED["cast"] and t.is_cuda and t.dim() == 2 and not torch.compiler.is_compiling()
+            and triton_available(t.device))
 
 
 def _in_backward() -> bool:
-    """True while autograd runs a backward pass (e.g. a checkpointed forward being recomputed)."""
+    """True while autograd runs a backward pass (e.g. a checkpointed forward being recomputed).
+
+    Under ``torch.compile`` this is False: the query returns a Python int that Dynamo cannot trace
+    (it broke the graph at every FP8 linear), and a compiled region's forward is traced for the
+    forward pass; compiled activation checkpointing replays the traced graph, not this function.
+    """
+    if torch.compiler.is_compiling():
+        return False
     task_id = getattr(torch._C, "_current_graph_task_id", None)
     return task_id is not None and task_id() != -1
 
@@ -160,7 +197,8 @@ class Float8Linear(nn.Linear):
         # (on CPUs it would turn _scaled_mm's internal matmul into a slow BF16 one).
         with torch.autocast(x.device.type, enabled=False):
             if not needs_grad:
-                out, *_ = _fp8_forward(self, x.reshape(-1, x.shape[-1]), self.weight, False, False, out_dtype)
+                out, *_ = _fp8_forward(self, x.reshape(-1, x.shape[-1]), self.weight, False, False, out_dtype,
+                                       save=False)
                 out = out if self.bias is None else out + self.bias.to(out_dtype)
                 return out.reshape(*x.shape[:-1], self.out_features)
             recompute = _in_backward()
@@ -171,28 +209,42 @@ class Float8Linear(nn.Linear):
 def _amax(t: torch.Tensor) -> torch.Tensor:
     """amax of ``t``'s true values; for a ScaledTensor read from its narrow ``_data`` (exact)."""
     if isinstance(t, ScaledTensor):
-        return amax(t._data) / t._scale
-    return amax(t)
+        return (fused_amax(t._data) if _fused(t._data) else amax(t._data)) / t._scale
+    return fused_amax(t) if _fused(t) else amax(t)
 
 
-def _quantize(t: torch.Tensor, fmt: Format, scale: torch.Tensor) -> torch.Tensor:
-    """``quantize(t, fmt, scale)``; a ScaledTensor is read from ``_data`` (its power-of-two scale
-    divides exactly, so the FP8 bits equal those of an FP32 weight holding the same values)."""
-    if isinstance(t, ScaledTensor):
-        return quantize(t.dequantize(), fmt, scale)
-    return quantize(t, fmt, scale)
+def _cast_pair(t: torch.Tensor, fmt: Format, scale: torch.Tensor, transpose: bool = True):
+    """``(t_fp8, t_fp8_t)``: the cast and, on the fused path with ``transpose``, its transposed copy
+    from the same pass (else None: ``fp8_mm`` transposes when it needs to). A ScaledTensor is read
+    from ``_data`` (its power-of-two scale divides exactly, so the FP8 bits equal those of an FP32
+    weight holding the same values)."""
+    t_hp = t.dequantize() if isinstance(t, ScaledTensor) else t
+    if _fused(t_hp):
+        t_fp8, t_fp8_t, _ = fused_cast(t_hp, fmt, scale, transpose=transpose)
+        return t_fp8, t_fp8_t
+    return quantize(t_hp, fmt, scale), None
 
 
-def _fp8_forward(layer: Float8Linear, x2d, w_hp, update: bool, recompute: bool, out_dtype):
-    """Quantize input and weight, run ``x @ w.T`` in FP8; return the output and what backward needs."""
+def _fp8_forward(layer: Float8Linear, x2d, w_hp, update: bool, recompute: bool, out_dtype, save: bool = True):
+    """Quantize input and weight, run ``x @ w.T`` in FP8; return the output and what backward needs.
+
+    What backward needs is ``x_fp8`` (M, K) and ``w_fp8`` (N, K), or on the fused path their
+    transposed copies viewed back as (M, K) / (N, K) column-major (the layouts the backward GEMMs
+    read without another copy). ``save=False`` (no backward will run) skips the transposed copies.
+    """
     fmt = layer.recipe.fwd
     x_scale = layer.fp8_scale(_X, x2d, fmt, update, recompute)
-    w_scale = layer.fp8_scale(_W, w_hp, fmt, update, recompute)
-    x_fp8 = quantize(x2d, fmt, x_scale)  # (M, K)
-    w_fp8 = _quantize(w_hp, fmt, w_scale)  # (N, K), straight from FP16 _data for a ScaledTensor master
+    x_fp8, x_fp8_t = _cast_pair(x2d, fmt, x_scale, save)  # (M, K), (K, M) or None
+    if isinstance(w_hp, ScaledTensor) and w_hp._data.dtype == fmt.dtype:  # arrived in FP8 (O3 all-gather)
+        w_scale, w_fp8, w_fp8_t = w_hp._scale, w_hp._data, None
+    else:
+        w_scale = layer.fp8_scale(_W, w_hp, fmt, update, recompute)
+        w_fp8, w_fp8_t = _cast_pair(w_hp, fmt, w_scale, save)  # (N, K), (K, N) or None
     out = fp8_mm(x_fp8, x_scale.reciprocal(), w_fp8.t(), w_scale.reciprocal(), out_dtype,
                  emulate=layer.recipe.emulate)  # (M, N)
-    return out, x_fp8, x_scale, w_fp8, w_scale
+    x_keep = x_fp8 if x_fp8_t is None else x_fp8_t.t()  # (M, K)
+    w_keep = w_fp8 if w_fp8_t is None else w_fp8_t.t()  # (N, K)
+    return out, x_keep, x_scale, w_keep, w_scale
 
 
 class _Float8LinearFn(torch.autograd.Function):
@@ -215,14 +267,15 @@ class _Float8LinearFn(torch.autograd.Function):
         g2d = grad_out.reshape(-1, grad_out.shape[-1])  # (M, N)
         fmt = layer.recipe.grad
         g_scale = layer.fp8_scale(_G, g2d, fmt, ctx.update, False)
-        g_fp8 = quantize(g2d, fmt, g_scale)
+        g_fp8, g_fp8_t = _cast_pair(g2d, fmt, g_scale)  # (M, N), (N, M) or None
         g_inv, emulate = g_scale.reciprocal(), layer.recipe.emulate
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = fp8_mm(g_fp8, g_inv, w_fp8, w_scale.reciprocal(), ctx.x_dtype, emulate)  # (M, K)
             grad_x = grad_x.reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            grad_w = fp8_mm(g_fp8.t(), g_inv, x_fp8, x_scale.reciprocal(), ctx.w_dtype, emulate)  # (N, K)
+            g_t = g_fp8.t() if g_fp8_t is None else g_fp8_t  # (N, M)
+            grad_w = fp8_mm(g_t, g_inv, x_fp8, x_scale.reciprocal(), ctx.w_dtype, emulate)  # (N, K)
             if ctx.scaled_w:  # FP8 storage with a scale from this output's amax (1 byte per parameter)
                 grad_w = ScaledTensor.from_hp(grad_w, FORMATS[layer.wgrad_format].dtype)
         if ctx.needs_input_grad[2]:

@@ -176,7 +176,7 @@ def _check_group(group: dict) -> None:
     if not wd >= 0.0:
         raise ValueError(f"invalid weight_decay {wd}: must be >= 0")
     for key, allowed in (("state", STATES), ("m_scaling", M_SCALINGS), ("v_storage", V_STORAGES),
-                         ("rounding", ROUNDINGS)):
+                         ("rounding", ROUNDINGS), ("master_rounding", ROUNDINGS)):
         if group[key] not in allowed:
             raise ValueError(f"invalid {key} {group[key]!r}; allowed: {', '.join(allowed)}")
     if not isinstance(group["decoupled"], bool):
@@ -218,6 +218,8 @@ class AdamW(torch.optim.Optimizer):
         m_scaling: how the FP8 m is scaled: "normalized" (default), "tensor" or "block".
         v_storage: "sqrt" (FP16 stores sqrt(v), default) or "square" (stores v).
         rounding: "stochastic" (default) or "nearest" for the FP8/FP16 state.
+        master_rounding: "stochastic" (default) or "nearest" for FP16 ``ScaledTensor`` master weights
+            ("nearest" drops updates below half an FP16 ulp: kept for measuring that loss).
         block_size: elements per scale for ``m_scaling="block"``.
         chunk_size: elements processed at a time by the FP8 step (bounds its temporaries).
         generator_seed: seed of the stochastic-rounding generators; default ``torch.initial_seed()``.
@@ -228,12 +230,12 @@ class AdamW(torch.optim.Optimizer):
     def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, decoupled: bool = True, state: str = "fp32",
                  m_scaling: str = "normalized", v_storage: str = "sqrt", rounding: str = "stochastic",
-                 block_size: int = 128, chunk_size: int = 1 << 22, generator_seed: int | None = None,
+                 master_rounding: str = "stochastic", block_size: int = 128, chunk_size: int = 1 << 22, generator_seed: int | None = None,
                  foreach=None, fused=None):
         del foreach, fused  # one code path; kept so torch-style call sites keep working
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, decoupled=decoupled,
                         state=state, m_scaling=m_scaling, v_storage=v_storage, rounding=rounding,
-                        block_size=block_size, chunk_size=chunk_size)
+                        master_rounding=master_rounding, block_size=block_size, chunk_size=chunk_size)
         self._generator_seed = int(torch.initial_seed() if generator_seed is None else generator_seed)
         self._generators: dict[torch.device, torch.Generator] = {}
         super().__init__(params, defaults)
@@ -257,7 +259,7 @@ class AdamW(torch.optim.Optimizer):
         """An fp8lm AdamW with ``optimizer``'s groups and hyper-parameters (a fresh torch Adam/AdamW).
 
         ``param_map`` ({old_param: new_param}) replaces parameters; parameters not in it are
-        kept. ``options`` (m_scaling, v_storage, rounding, block_size, generator_seed) pass
+        kept. ``options`` (m_scaling, v_storage, rounding, master_rounding, block_size, generator_seed) pass
         through. Refuses other optimizer classes, optimizers that have already stepped, and
         the torch flags this optimizer does not implement (amsgrad, maximize, differentiable,
         capturable); foreach and fused are ignored.
@@ -372,10 +374,11 @@ class AdamW(torch.optim.Optimizer):
         return (_to_float(group["lr"], "lr"), beta1, beta2, _to_float(group["eps"], "eps"),
                 _to_float(group["weight_decay"], "weight_decay"), int(step_t.item()))
 
-    def _write_back(self, p: torch.Tensor, w_hp: torch.Tensor) -> None:
-        """Store the FP32 result ``w_hp`` into ``p`` (stochastic rounding for ScaledTensors)."""
+    def _write_back(self, p: torch.Tensor, w_hp: torch.Tensor, group: dict) -> None:
+        """Store the FP32 result ``w_hp`` into ``p`` (ScaledTensors: the group's ``master_rounding``)."""
         if is_scaled(p):
-            p.assign_hp_(w_hp, stochastic=True, generator=self.generator_for(p.device))
+            stochastic = group.get("master_rounding", "stochastic") == "stochastic"
+            p.assign_hp_(w_hp, stochastic=stochastic, generator=self.generator_for(p.device) if stochastic else None)
         elif w_hp is not p:
             p.copy_(w_hp)
 
@@ -404,7 +407,7 @@ class AdamW(torch.optim.Optimizer):
         denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
         w.addcdiv_(exp_avg, denom, value=-step_size)
         if scaled:
-            self._write_back(p, w)
+            self._write_back(p, w, group)
 
     def _init_fp8_state(self, p: torch.Tensor, group: dict) -> None:
         """Zero FP8 m and FP16 v with unit scales (one scale per block for m_scaling="block")."""
@@ -437,7 +440,7 @@ class AdamW(torch.optim.Optimizer):
         ctx.encode_and_update(v_scale, m_scale, bound_q, bound_update, self.generator_for(p.device),
                               step_size=lr / (1 - beta1**step), bc2_sqrt=(1 - beta2**step) ** 0.5, eps=eps)
         if is_scaled(p):
-            self._write_back(p, w_hp)
+            self._write_back(p, w_hp, group)
         elif w_hp is not p:
             p.copy_(w_hp)
 

@@ -1,0 +1,604 @@
+"""`fp8lm bench`: FP8 against BF16, side by side in one process, at the GEMM and at the step level.
+
+Method
+------
+Everything runs in one process on one device, so clocks, thermals and library versions are the
+same for every column, and ratios are taken inside the run.
+
+* Timing: CUDA events around each repeat (no synchronization between repeats), warm-up calls
+  first (run-time compilation, cuBLAS handles, ``torch.compile``, optimizer state creation), then
+  the **median** of the repeats. On a CPU the timers are wall-clock around a synchronous call.
+* GEMM level: one linear layer's forward + backward, ``out = x @ w.T``, ``grad_x = g @ w``,
+  ``grad_w = g.T @ x``: 6·M·K·N FLOPs. ``x`` (M, K) and ``grad_out`` (M, N) are BF16, random
+  normal (never zeros). Columns:
+
+  - ``bf16``: ``nn.Linear`` with BF16 weights (no casts at all: the strongest BF16 layer);
+  - ``fp8``: ``fp8lm.nn.Float8Linear`` as levels O1/O2 build it (FP16 master with a scale, FP8
+    weight gradient, recipe ``current``), quantization, transposes and scale math included, with
+    its default (plain-torch) casts;
+  - ``fp8 triton``: the same with the Triton fused amax/cast/transpose kernels switched on
+    (``fp8lm.ops.cast``, ``set_fused_cast``; only on CUDA with Triton);
+  - ``fp8 compiled``: the same layer under ``torch.compile`` (Inductor fuses the plain casts);
+  - ``torchao`` / ``torchao compiled``: torchao's float8 ``tensorwise`` layer, only if ``torchao``
+    is importable: optional columns, never a dependency;
+  - ``scaled_mm only``: the three ``torch._scaled_mm`` calls on operands already quantized and laid
+    out (E4M3 x E4M3, E5M2 x E4M3 twice) against the three BF16 ``mm`` calls: the ceiling that
+    quantization overhead eats into.
+
+  Gradients come from ``torch.autograd.grad`` (no accumulation into ``.grad`` between repeats).
+* Step level: a full training step of a preset (``llama-0.75b`` on GPUs: batch 8 x 2048 tokens)
+  at each level: forward, backward, ``clip_grad_norm_(1.0)``, optimizer step, ``zero_grad``.
+  Eager CUDA runs add ``O1 triton`` (O1 with the Triton fused casts switched on) where Triton runs.
+  O0 is the strongest honest BF16 baseline: BF16 autocast, torch's fused AdamW, compiled exactly as
+  the FP8 levels are (per transformer block, ``block.compile()``, the way the issue's reference
+  numbers were taken); the output head stays BF16 at every level. O1/O2 use the optimizer
+  ``fp8lm.initialize`` builds. The step has no host synchronization (no ``loss.item()``, no
+  finiteness check: the training loop's skip logic is left out so the GPU queue never drains).
+  Reported: median ms/step, its forward+backward and optimizer parts, tokens/s, MFU
+  (``model.flops_per_token`` x tokens/s over the peak; H100 SXM dense BF16 peak: 989 TFLOP/s, used
+  for every level, FP8 included, so MFU ratios equal speed ratios), peak memory
+  (``torch.cuda.max_memory_allocated`` over warm-up and timed steps) and the ratio to O0 at the
+  same compile setting. Input tokens are random ids (fixed per run).
+
+Failures (a configuration that raises, e.g. ``torch.compile`` refusing the FP8 path) are recorded
+in the JSON and the table as errors; the other columns still run. ``time_budget_s`` skips what
+would start after the budget is spent (recorded as skipped), so a table always comes out.
+"""
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["BenchConfig", "run_bench", "format_tables", "GEMM_SHAPES", "H100_BF16_DENSE_PEAK_TFLOPS"]
+
+H100_BF16_DENSE_PEAK_TFLOPS = 989.0  # H100 SXM, dense BF16 tensor-core peak (datasheet)
+GEMM_SHAPES = ((16384, 2048, 6144), (16384, 2048, 2048), (16384, 2048, 11264), (16384, 5632, 2048),
+               (8192, 8192, 8192))  # (M tokens, K in, N out): llama-0.75b's linears and 8192^3
+SMOKE_GEMM_SHAPES = ((256, 128, 384), (256, 384, 128))
+COMPILE_MODES = ("off", "on", "both")
+BENCH_LEVELS = ("O0", "O1", "O2")  # the single-process levels (O3 needs torch.distributed)
+GEMM_VARIANTS = ("bf16", "fp8", "fp8 triton", "fp8 compiled", "torchao", "torchao compiled", "bf16 mm only",
+                 "scaled_mm only")
+
+
+@dataclass
+class BenchConfig:
+    """What `fp8lm bench` measures; None means "the device's default" (`resolve`)."""
+
+    device: str = "auto"
+    preset: str | None = None  # llama-0.75b on CUDA, tiny on CPU
+    levels: tuple | None = None  # default: BENCH_LEVELS
+    recipe: str = "current"
+    batch_size: int | None = None
+    seq_len: int | None = None
+    steps: int | None = None  # timed steps per configuration
+    warmup: int | None = None  # untimed steps first
+    gemm_repeats: int | None = None
+    gemm_shapes: tuple | None = None
+    compile: str | None = None  # "off", "on" or "both"; default both on CUDA, off on CPU
+    torchao: bool = True  # add torchao columns when it is importable
+    gemm: bool = True
+    step: bool = True
+    peak_tflops: float | None = None  # default H100_BF16_DENSE_PEAK_TFLOPS on CUDA, none on CPU
+    time_budget_s: float | None = None
+    out: str | None = None
+    progress: bool = True
+    command: str = ""
+
+
+def resolve(cfg: BenchConfig) -> BenchConfig:
+    """Check `cfg` and fill the device-dependent defaults (tiny, few steps, wall-clock on a CPU)."""
+    from fp8lm.models import PRESETS
+    from fp8lm.train import resolve_device
+
+    device = resolve_device(cfg.device)
+    cuda = device.startswith("cuda")
+    if cfg.preset is not None and cfg.preset not in PRESETS:
+        raise ValueError(f"unknown preset {cfg.preset!r}; allowed: {', '.join(PRESETS)}")
+    compile_mode = cfg.compile or ("both" if cuda else "off")
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {compile_mode!r}; allowed: {', '.join(COMPILE_MODES)}")
+    import fp8lm
+    levels = tuple(cfg.levels or BENCH_LEVELS)
+    for level in levels:
+        if level not in BENCH_LEVELS:
+            raise ValueError(f"level {level!r} cannot be benchmarked in one process; allowed: {', '.join(BENCH_LEVELS)}"
+                             + (" (O3 shards with FSDP2 under torch.distributed)" if level == "O3" else ""))
+    if cfg.recipe not in fp8lm.RECIPES:
+        raise ValueError(f"unknown recipe {cfg.recipe!r}; allowed: {', '.join(fp8lm.RECIPES)}")
+    for name in ("batch_size", "seq_len", "steps", "warmup", "gemm_repeats"):
+        value = getattr(cfg, name)
+        if value is not None and (not isinstance(value, int) or value < (0 if name == "warmup" else 1)):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    preset = cfg.preset or ("llama-0.75b" if cuda else "tiny")
+    return BenchConfig(
+        device=device, preset=preset, levels=levels, recipe=cfg.recipe,
+        batch_size=cfg.batch_size or (8 if cuda else 4),
+        seq_len=cfg.seq_len or (PRESETS[preset].seq_len if cuda else 64),
+        steps=cfg.steps or (10 if cuda else 2), warmup=cfg.warmup if cfg.warmup is not None else (3 if cuda else 1),
+        gemm_repeats=cfg.gemm_repeats or (20 if cuda else 3),
+        gemm_shapes=tuple(cfg.gemm_shapes or (GEMM_SHAPES if cuda else SMOKE_GEMM_SHAPES)),
+        compile=compile_mode, torchao=cfg.torchao, gemm=cfg.gemm, step=cfg.step,
+        peak_tflops=cfg.peak_tflops or _default_peak(device),
+        time_budget_s=cfg.time_budget_s, out=cfg.out, progress=cfg.progress, command=cfg.command,
+    )
+
+
+def _default_peak(device: str) -> float | None:
+    """989 TFLOP/s on H100/H200 (the same dense BF16 tensor-core peak); None elsewhere (no MFU)."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return H100_BF16_DENSE_PEAK_TFLOPS if ("H100" in name or "H200" in name) else None
+
+
+# ----------------------------------------------------------------------------------------------- timing
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, warmup: int, repeats: int, device: str) -> list[float]:
+    """Milliseconds of each of `repeats` calls of `fn()` after `warmup` untimed calls.
+
+    CUDA: one pair of events per call, read after a single synchronization at the end.
+    CPU: wall-clock around each (synchronous) call.
+    """
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    if not device.startswith("cuda"):
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return times
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) for start, end in events]
+
+
+class _Budget:
+    """Wall-clock budget: `left()` is False once `seconds` have passed since creation (None: no limit)."""
+
+    def __init__(self, seconds: float | None):
+        self.t0, self.seconds = time.perf_counter(), seconds
+
+    def left(self) -> bool:
+        return self.seconds is None or time.perf_counter() - self.t0 < self.seconds
+
+
+def _log(cfg: BenchConfig, message: str) -> None:
+    if cfg.progress:
+        sys.stderr.write(f"[fp8lm bench] {message}\n")
+        sys.stderr.flush()
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def torchao_version() -> str | None:
+    """torchao's version if it can be imported (with its float8 training API), else None."""
+    try:
+        import torchao
+        from torchao.float8 import convert_to_float8_training  # noqa: F401
+    except Exception:  # any import failure means: no torchao column
+        return None
+    return getattr(torchao, "__version__", "unknown")
+
+
+# ----------------------------------------------------------------------------------------------- GEMM level
+
+def _fp8_layer(k: int, n: int, device: str, recipe: str) -> nn.Module:
+    """A `Float8Linear` as O1/O2 build it: FP16 master weight with a scale, FP8 weight gradient."""
+    from fp8lm.nn import Float8Linear
+    from fp8lm.scaling import get_recipe
+    return Float8Linear.from_linear(nn.Linear(k, n, bias=False, device=device), get_recipe(recipe), master="fp16")
+
+
+def _torchao_layer(k: int, n: int, device: str) -> nn.Module:
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    seq = nn.Sequential(nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16))
+    convert_to_float8_training(seq, config=Float8LinearConfig.from_recipe_name("tensorwise"))
+    return seq[0]
+
+
+def _fwd_bwd(layer: nn.Module, x_hp: torch.Tensor, grad_out_hp: torch.Tensor):
+    """A closure running `layer` forward and backward (grads of input and weight, no accumulation)."""
+    def call():
+        out = layer(x_hp)
+        return torch.autograd.grad(out, (x_hp, layer.weight), grad_out_hp)
+    return call
+
+
+def _scaled_mm_only(m: int, k: int, n: int, device: str):
+    """Closures for the three FP8 GEMMs on ready operands and the three BF16 GEMMs (the ceiling)."""
+    from fp8lm.formats import E4M3, E5M2, quantize_dynamic
+    x_hp = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    w_hp = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
+    g_hp = torch.randn(m, n, device=device, dtype=torch.bfloat16) * 1e-3
+    x_fp8, sx = quantize_dynamic(x_hp, E4M3)
+    w_fp8, sw = quantize_dynamic(w_hp, E4M3)
+    g_fp8, sg = quantize_dynamic(g_hp, E5M2)
+    x_t_fp8, w_t_fp8, g_t_fp8 = x_fp8.t().contiguous(), w_fp8.t().contiguous(), g_fp8.t().contiguous()
+    ix, iw, ig = sx.reciprocal(), sw.reciprocal(), sg.reciprocal()
+    bf16 = torch.bfloat16
+
+    def fp8():
+        torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=ix, scale_b=iw, out_dtype=bf16)  # (M, N)
+        torch._scaled_mm(g_fp8, w_t_fp8.t(), scale_a=ig, scale_b=iw, out_dtype=bf16)  # (M, K)
+        torch._scaled_mm(g_t_fp8, x_t_fp8.t(), scale_a=ig, scale_b=ix, out_dtype=bf16)  # (N, K)
+
+    def hp():
+        x_hp @ w_hp.t()
+        g_hp @ w_hp
+        g_hp.t() @ x_hp
+    return hp, fp8
+
+
+def _with_fused_cast(fn):
+    """`fn` run with `Float8Linear`'s Triton fused casts switched on (`fp8lm.ops.cast`)."""
+    from fp8lm.nn.linear import set_fused_cast
+
+    def call():
+        old = set_fused_cast(True)
+        try:
+            return fn()
+        finally:
+            set_fused_cast(old)
+    return call
+
+
+def _gemm_closures(m: int, k: int, n: int, cfg: BenchConfig, phase: str, ao: bool) -> dict:
+    """The GEMM-level variants of one shape and `phase` ("eager" or "compiled") as ``name -> factory``."""
+    from fp8lm.ops.cast import triton_available
+    device = cfg.device
+    x_hp = torch.randn(m, k, device=device, dtype=torch.bfloat16, requires_grad=True)
+    grad_out_hp = torch.randn(m, n, device=device, dtype=torch.bfloat16)
+    if phase == "compiled":
+        makers = {"fp8 compiled": lambda: _fwd_bwd(torch.compile(_fp8_layer(k, n, device, cfg.recipe)),
+                                                   x_hp, grad_out_hp)}
+        if ao:
+            makers["torchao compiled"] = lambda: _fwd_bwd(torch.compile(_torchao_layer(k, n, device)),
+                                                          x_hp, grad_out_hp)
+        return makers
+    makers = {
+        "bf16": lambda: _fwd_bwd(nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16), x_hp, grad_out_hp),
+        "fp8": lambda: _fwd_bwd(_fp8_layer(k, n, device, cfg.recipe), x_hp, grad_out_hp),
+    }
+    if triton_available(device) and device.startswith("cuda"):
+        makers["fp8 triton"] = lambda: _with_fused_cast(
+            _fwd_bwd(_fp8_layer(k, n, device, cfg.recipe), x_hp, grad_out_hp))
+    if ao:
+        makers["torchao"] = lambda: _fwd_bwd(_torchao_layer(k, n, device), x_hp, grad_out_hp)
+    if device.startswith("cuda") and torch.cuda.get_device_capability(device) >= (8, 9):
+        pair = []  # both ceiling closures share one set of operands, made on first use
+
+        def ceiling(i):
+            pair.extend(pair or _scaled_mm_only(m, k, n, device))
+            return pair[i]
+        makers["bf16 mm only"], makers["scaled_mm only"] = (lambda: ceiling(0)), (lambda: ceiling(1))
+    return makers
+
+
+def bench_gemm(cfg: BenchConfig, budget: _Budget, phase: str = "eager", rows: list | None = None) -> list[dict]:
+    """GEMM-level rows: one per shape, TFLOP/s and ratio to `bf16` for each variant.
+
+    `phase` "eager" makes the rows; "compiled" adds the compiled variants to `rows` (run last:
+    compiling every shape costs more than the eager runs).
+    """
+    ao = cfg.torchao and torchao_version() is not None
+    rows = rows if rows is not None else []
+    for i, (m, k, n) in enumerate(cfg.gemm_shapes):
+        flops = 6 * m * k * n
+        if phase == "eager":
+            rows.append({"shape": [m, k, n], "label": f"{m} x {k}->{n}", "flops": flops, "variants": {}})
+        row = rows[i]
+        for name, make in _gemm_closures(m, k, n, cfg, phase, ao).items():
+            row["variants"][name] = _time_variant(name, make, flops, cfg, budget)
+        base = row["variants"]["bf16"].get("ms")
+        for name, v in row["variants"].items():
+            ref = row["variants"]["bf16 mm only"].get("ms") if name == "scaled_mm only" else base
+            if v.get("ms") and ref:
+                v["ratio"] = ref / v["ms"]
+        _log(cfg, f"gemm {row['label']} ({phase}): " + ", ".join(
+            f"{name} {_tflops(v['tflops'])} TFLOP/s" if "tflops" in v else f"{name} {v.get('error', v.get('skipped'))}"
+            for name, v in row["variants"].items()))
+        _free(cfg.device)
+    return rows
+
+
+def _time_variant(name: str, make, flops: int, cfg: BenchConfig, budget: _Budget) -> dict:
+    """Build and time one GEMM-level variant; errors and budget skips become a dict entry."""
+    if not budget.left():
+        return {"skipped": "time budget spent"}
+    try:
+        fn = make()
+        t0 = time.perf_counter()
+        times = time_ms(fn, max(2, cfg.warmup), cfg.gemm_repeats, cfg.device)
+    except Exception as err:  # report, keep benchmarking the other variants
+        return {"error": f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"}
+    ms = statistics.median(times)
+    return {"ms": ms, "tflops": flops / ms / 1e9, "repeats": len(times), "wall_s": time.perf_counter() - t0}
+
+
+# ----------------------------------------------------------------------------------------------- step level
+
+def _build(cfg: BenchConfig, variant: str):
+    """Model and optimizer of one step-level variant ("O0", "O1", "O2" or "torchao"), on the device."""
+    import fp8lm
+    from fp8lm import models
+
+    torch.manual_seed(0)
+    with torch.device(cfg.device):  # initialize on the device: a 0.75B-parameter CPU init takes seconds
+        model = models.build_model(cfg.preset, seq_len=cfg.seq_len)
+    if variant == "torchao":
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name("tensorwise"),
+                                   module_filter_fn=lambda mod, fqn: fqn != "head")
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), fused=cfg.device.startswith("cuda"))
+    level = "O0" if variant == "torchao" else variant
+    return fp8lm.initialize(model, optimizer, level=level, recipe=cfg.recipe, verbose=False)
+
+
+def _step_fn(model, optimizer, x, y, marks: list | None):
+    """One training step without host synchronization; `marks` gets (start, after backward, end) events."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def step():
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if marks is not None else None
+        if ev:
+            ev[0].record()
+        _, loss = model(x, y)
+        loss.backward()
+        if ev:
+            ev[1].record()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ev:
+            ev[2].record()
+            marks.append(ev)
+        return loss
+    return step
+
+
+def bench_step_one(cfg: BenchConfig, variant: str, compiled: bool) -> dict:
+    """Time one step-level configuration; returns its row (raises on failure)."""
+    cuda = cfg.device.startswith("cuda")
+    if compiled:
+        torch._dynamo.reset()
+    fused = variant.endswith(" triton")  # Float8Linear with the Triton fused casts switched on
+    model, optimizer = _build(cfg, variant.removesuffix(" triton"))
+    if compiled:
+        for block in model.layers:
+            block.compile()
+    gen = torch.Generator(device=cfg.device).manual_seed(0)
+    vocab = model.config.vocab_size
+    x = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), device=cfg.device, generator=gen)  # (B, T)
+    y = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), device=cfg.device, generator=gen)  # (B, T)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(cfg.device)
+    marks = [] if cuda else None
+    step = _step_fn(model, optimizer, x, y, marks)
+    step = _with_fused_cast(step) if fused else step
+    t0 = time.perf_counter()
+    for _ in range(cfg.warmup):
+        step()
+    _sync(cfg.device)
+    warmup_s = time.perf_counter() - t0
+    if cuda:
+        marks.clear()
+        for _ in range(cfg.steps):
+            loss = step()
+        torch.cuda.synchronize(cfg.device)
+        step_ms = [a.elapsed_time(c) for a, _, c in marks]
+        fb_ms = [a.elapsed_time(b) for a, b, _ in marks]
+        opt_ms = [b.elapsed_time(c) for _, b, c in marks]
+    else:
+        step_ms, fb_ms, opt_ms = [], None, None
+        for _ in range(cfg.steps):
+            t = time.perf_counter()
+            loss = step()
+            step_ms.append((time.perf_counter() - t) * 1e3)
+    ms = statistics.median(step_ms)
+    tokens = cfg.batch_size * cfg.seq_len
+    tok_s = tokens / (ms / 1e3)
+    flops_tok = model.flops_per_token(cfg.seq_len)
+    row = {
+        "variant": variant, "compile": compiled, "ms_per_step": ms,
+        "fwd_bwd_ms": statistics.median(fb_ms) if fb_ms else None,
+        "optimizer_ms": statistics.median(opt_ms) if opt_ms else None,
+        "tokens_per_s": tok_s, "tflops": flops_tok * tok_s / 1e12,
+        "mfu": flops_tok * tok_s / (cfg.peak_tflops * 1e12) if cfg.peak_tflops else None,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(cfg.device) / 2**30 if cuda else None,
+        "loss": float(loss.detach()), "warmup_s": warmup_s, "steps": len(step_ms),
+        "step_ms_all": step_ms,
+    }
+    del model, optimizer, step, marks, x, y, loss
+    return row
+
+
+def bench_steps(cfg: BenchConfig, budget: _Budget, rows: list | None = None, on_row=None) -> list[dict]:
+    """Step-level rows for every level (and torchao) at each compile setting; ratios to O0.
+
+    Rows are appended to `rows` (a new list if None); `on_row()` runs after each one (partial saves).
+    """
+    from fp8lm.ops.cast import triton_available
+    variants = list(cfg.levels) + (["torchao"] if cfg.torchao and torchao_version() else [])
+    settings = {"off": [False], "on": [True], "both": [False, True]}[cfg.compile]
+    rows = rows if rows is not None else []
+    for compiled in settings:
+        extra = (["O1 triton"] if not compiled and "O1" in cfg.levels and cfg.device.startswith("cuda")
+                 and triton_available(cfg.device) else [])
+        for variant in variants + extra:
+            tag = f"{variant} {'compiled' if compiled else 'eager'}"
+            if not budget.left():
+                rows.append({"variant": variant, "compile": compiled, "skipped": "time budget spent"})
+                _log(cfg, f"step {tag}: skipped (time budget spent)")
+                continue
+            _log(cfg, f"step {tag}: {cfg.preset}, {cfg.batch_size} x {cfg.seq_len} tokens, "
+                      f"{cfg.warmup} warm-up + {cfg.steps} timed steps ...")
+            try:
+                row = bench_step_one(cfg, variant, compiled)
+            except Exception as err:  # report, keep benchmarking the other configurations
+                row = {"variant": variant, "compile": compiled,
+                       "error": f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"}
+            _free(cfg.device)
+            rows.append(row)
+            _set_ratios(rows)
+            if on_row is not None:
+                on_row()
+            _log(cfg, f"step {tag}: " + (f"{row['ms_per_step']:.1f} ms/step, {row['tokens_per_s']:,.0f} tok/s "
+                                         f"(warm-up {row['warmup_s']:.1f} s)" if "ms_per_step" in row else
+                                         row.get("error", "")))
+    return rows
+
+
+def _set_ratios(rows: list[dict]) -> None:
+    """`ratio_vs_O0`: O0's ms/step at the same compile setting over the row's."""
+    for row in rows:
+        base = next((r for r in rows if r["variant"] == "O0" and r["compile"] == row["compile"]
+                     and "ms_per_step" in r), None)
+        if base and "ms_per_step" in row:
+            row["ratio_vs_O0"] = base["ms_per_step"] / row["ms_per_step"]
+
+
+# ----------------------------------------------------------------------------------------------- run and report
+
+def _meta(cfg: BenchConfig) -> dict:
+    cuda = cfg.device.startswith("cuda")
+    try:
+        import triton
+        triton_v = triton.__version__
+    except ImportError:
+        triton_v = None
+    return {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "device": cfg.device,
+        "device_name": torch.cuda.get_device_name(cfg.device) if cuda else platform.processor() or "cpu",
+        "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_v, "torchao": torchao_version(),
+        "timer": "cuda events" if cuda else "wall clock", "peak_tflops": cfg.peak_tflops,
+        "peak_note": ("H100/H200 SXM dense BF16 peak (989 TFLOP/s), used for every level"
+                      if cfg.peak_tflops == H100_BF16_DENSE_PEAK_TFLOPS else None),
+        "command": cfg.command, "config": {k: v for k, v in asdict(cfg).items() if k not in ("command", "out")},
+    }
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    """Run the benchmark `cfg` describes; print progress and the tables; write JSON to `cfg.out`."""
+    cfg = resolve(cfg)
+    budget = _Budget(cfg.time_budget_s)
+    if cfg.device.startswith("cuda"):
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    result = {"meta": _meta(cfg), "gemm": [], "step": []}
+    t0 = time.perf_counter()
+    def save():  # the JSON so far, after every configuration: a killed run still leaves its numbers
+        result["meta"]["wall_s"] = time.perf_counter() - t0
+        if cfg.out:
+            write_json(result, cfg.out)
+
+    if cfg.gemm:
+        _log(cfg, f"GEMM level: {len(cfg.gemm_shapes)} shapes, median of {cfg.gemm_repeats} repeats")
+        result["gemm"] = bench_gemm(cfg, budget)
+        save()
+    if cfg.step:
+        bench_steps(cfg, budget, result["step"], save)
+    if cfg.gemm and cfg.compile in ("on", "both"):
+        bench_gemm(cfg, budget, "compiled", result["gemm"])
+    save()
+    print(format_tables(result))
+    return result
+
+
+def write_json(obj: dict, path: str) -> None:
+    """Write `obj` as standard JSON (non-finite floats become null), creating parent folders."""
+    def safe(o):
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        if isinstance(o, dict):
+            return {k: safe(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [safe(v) for v in o]
+        return o
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(safe(obj), fh, indent=2)
+        fh.write("\n")
+
+
+def _tflops(v: float) -> str:
+    return f"{v:.0f}" if v >= 10 else f"{v:.2g}"
+
+
+def _cell(v: dict, key: str, fmt: str) -> str:
+    if "error" in v:
+        return "error"
+    if "skipped" in v:
+        return "skipped"
+    if v.get(key) is None:
+        return "-"
+    return format(v[key], fmt)
+
+
+def format_tables(result: dict) -> str:
+    """The GEMM-level and step-level tables as text (printed last by `run_bench`)."""
+    meta = result["meta"]
+    lines = [f"fp8lm bench: {meta['device_name']} ({meta['device']}), torch {meta['torch']}, "
+             f"triton {meta['triton']}, torchao {meta['torchao']}, {meta['date_utc']} UTC, timer: {meta['timer']}"]
+    if not str(meta["device"]).startswith("cuda"):
+        lines.append("CPU smoke run: these times measure emulation and software BF16, not FP8 speed")
+    if result["gemm"]:
+        names = [n for n in GEMM_VARIANTS if any(n in r["variants"] for r in result["gemm"])]
+        lines += ["", "GEMM level: one linear, forward + backward (3 GEMMs, 6MKN FLOPs), quantization included;"
+                  " TFLOP/s (ratio to bf16; 'scaled_mm only': to 3 bare BF16 mm)",
+                  f"{'M x K->N':<20}" + "".join(f"{n:>20}" for n in names)]
+        for r in result["gemm"]:
+            cells = []
+            for n in names:
+                v = r["variants"].get(n, {})
+                ratio = f" ({v['ratio']:.2f}x)" if "ratio" in v else ""
+                cells.append(f"{_tflops(v['tflops'])}{ratio}" if "tflops" in v else _cell(v, "tflops", ".0f"))
+            lines.append(f"{r['label']:<20}" + "".join(f"{c:>20}" for c in cells))
+    if result["step"]:
+        cfg = meta["config"]
+        peak = (f"MFU vs {meta['peak_tflops']:.0f} TFLOP/s ({meta['peak_note'] or 'given peak'})"
+                if meta["peak_tflops"] else "MFU n/a (no peak for this device)")
+        lines += ["", f"Step level: {cfg['preset']}, {cfg['batch_size']} x {cfg['seq_len']} tokens, median of "
+                  f"{cfg['steps']} steps after {cfg['warmup']} warm-up; {peak}",
+                  f"{'variant':<10}{'compile':>9}{'ms/step':>10}{'fwd+bwd':>10}{'optim':>8}{'tokens/s':>11}"
+                  f"{'MFU':>7}{'peak GiB':>10}{'vs O0':>8}"]
+        for r in result["step"]:
+            comp = "yes" if r["compile"] else "no"
+            if "ms_per_step" not in r:
+                lines.append(f"{r['variant']:<10}{comp:>9}  {r.get('error') or r.get('skipped')}")
+                continue
+            mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
+            ratio = f"{r['ratio_vs_O0']:.2f}x" if "ratio_vs_O0" in r else "-"
+            lines.append(f"{r['variant']:<10}{comp:>9}{r['ms_per_step']:>10.1f}{_cell(r, 'fwd_bwd_ms', '.1f'):>10}"
+                         f"{_cell(r, 'optimizer_ms', '.1f'):>8}{r['tokens_per_s']:>11,.0f}{mfu:>7}"
+                         f"{_cell(r, 'peak_mem_gib', '.2f'):>10}{ratio:>8}")
+    return "\n".join(lines)

@@ -1,0 +1,192 @@
+"""Memory-lean RMSNorm, SwiGLU and causal attention: what they save for backward, and in what precision.
+
+Activation memory, not weights, dominates a training step at LLM shapes: on ``llama-0.75b``
+(16384 tokens per step) the saved activations are about 70% of the BF16 baseline's peak. These
+functions compute exactly what the plain PyTorch expressions compute in the forward pass and
+differ only in what they keep for the backward pass.
+
+Exact (every level):
+
+* ``rms_norm`` saves its input and the per-row ``rstd`` (4 bytes a row) and recomputes
+  ``x * rstd`` in backward. The autograd graph of the plain expression keeps the float32 input
+  *and* the float32 normalized copy (8 bytes per element); this keeps 4.
+* ``swiglu`` takes the fused gate/up projection ``gu = [g, u]`` and returns ``silu(g) * u``,
+  computed in float32 and rounded once to ``gu``'s dtype. It saves ``gu`` only; the plain
+  expression also keeps ``silu(g)`` (a third more).
+* ``causal_attention`` copies ``v`` to a contiguous tensor before attention. A ``v`` that is a view
+  of the fused QKV output would keep the whole QKV output (3 tensors) alive for backward.
+
+Lossy, opt-in (``save_fp8=True``, set by ``fp8lm.initialize`` at level O2; the COAT recipe,
+arXiv 2410.19313, of storing non-linear layers' inputs in FP8):
+
+* ``swiglu`` stores ``gu`` as E4M3 with one power-of-two scale per row (per token: the rows of an
+  activation differ in magnitude by orders, its columns much less). Backward dequantizes it, so
+  ``dg = dh * u * silu'(g)`` and ``du = dh * silu(g)`` see ``g`` and ``u`` with a relative error up
+  to 2^-4 (E4M3 has 3 mantissa bits; below 2^-6 of the row's scale it is absolute, 2^-10 of the
+  row amax). The forward output is exact.
+* ``rms_norm`` stores its input in BF16 (relative error 2^-9): its backward then runs at the
+  precision of the BF16 activations around it. The norm output feeds an FP8 GEMM anyway.
+* ``causal_attention`` stores q, k, v as E4M3 with a power-of-two scale per (batch, head, token)
+  row and no output: backward dequantizes them and recomputes the attention forward (one more
+  attention forward per step, about a third of attention's cost) before its backward. The
+  gradients then see the FP8-rounded q, k, v; the forward output is exact.
+
+The plain-PyTorch twins (``rms_norm_reference``, ``swiglu_reference``) are the test oracles.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fp8lm.formats import E4M3
+from fp8lm.nn.bf16 import causal_attention as _sdpa  # fast BF16 attention on CPUs
+
+__all__ = ["rms_norm", "swiglu", "causal_attention", "rms_norm_reference", "swiglu_reference",
+           "quantize_rows", "dequantize_rows"]
+
+
+# ------------------------------------------------------------------ FP8 rows
+def quantize_rows(x_hp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x_hp`` as E4M3 with one power-of-two scale per row (last dim): ``(x_fp8, scale)``.
+
+    ``scale`` has shape ``x.shape[:-1] + (1,)`` (float32); a row's amax maps into (224, 448].
+    All-zero or non-finite rows get scale 1 (non-finite values stay non-finite: NaN).
+    """
+    x_f32 = x_hp.float()
+    amax = x_f32.abs().amax(dim=-1, keepdim=True)  # (..., 1)
+    ok = torch.isfinite(amax) & (amax > 0)
+    scale = torch.where(ok, E4M3.max / amax.clamp(min=1e-30), torch.ones_like(amax))
+    scale = torch.exp2(torch.floor(torch.log2(scale))).clamp(max=2.0**100)
+    x_scaled = (x_f32 * scale).clamp_(-E4M3.max, E4M3.max)
+    x_scaled += x_f32 - x_f32  # NaN where x is inf/NaN (a saturating cast would hide it)
+    return x_scaled.to(E4M3.dtype), scale
+
+
+def dequantize_rows(x_fp8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of ``quantize_rows``: ``x_fp8 / scale`` in ``dtype`` (exact for a power-of-two scale)."""
+    return (x_fp8.float() / scale).to(dtype)
+
+
+# ------------------------------------------------------------------ RMSNorm
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Plain PyTorch RMSNorm, float32 inside, output in ``x``'s dtype (the oracle)."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (x32 * weight.float()).type_as(x)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, save_dtype):
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        y = (x32 * rstd * weight.float()).to(x.dtype)
+        x_saved = x if save_dtype is None or save_dtype == x.dtype else x.to(save_dtype)
+        ctx.save_for_backward(x_saved, rstd, weight)
+        ctx.x_dtype = x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x_saved, rstd, weight = ctx.saved_tensors
+        x_hat = x_saved.float() * rstd  # (..., C)
+        g = grad_y.float()
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (g * x_hat).reshape(-1, x_hat.shape[-1]).sum(0).to(weight.dtype)
+        gw = g * weight.float()  # d loss / d x_hat
+        # d/dx of x * rstd(x): rstd * (gw - x_hat * mean(gw * x_hat))
+        grad_x = rstd * (gw - x_hat * (gw * x_hat).mean(-1, keepdim=True))
+        return grad_x.to(ctx.x_dtype), grad_w, None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, save_dtype: torch.dtype | None = None):
+    """``x / rms(x) * weight`` computed in float32, returned in ``x``'s dtype (module docstring).
+
+    Saves ``x`` (in ``save_dtype`` if given, e.g. ``torch.bfloat16``) and the per-row ``rstd``.
+    """
+    if weight.shape != x.shape[-1:]:
+        raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match the last dim of "
+                         f"x {tuple(x.shape)}")
+    return _RMSNorm.apply(x, weight, eps, save_dtype)
+
+
+# ------------------------------------------------------------------ SwiGLU
+def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """Plain PyTorch ``silu(g) * u`` of the two halves of the last dim, float32 inside (the oracle)."""
+    g, u = gate_up.float().chunk(2, dim=-1)
+    return (F.silu(g) * u).to(gate_up.dtype)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up, save_fp8):
+        g, u = gate_up.float().chunk(2, dim=-1)  # (..., F) each
+        h = (F.silu(g) * u).to(gate_up.dtype)
+        if save_fp8:
+            ctx.save_for_backward(*quantize_rows(gate_up))
+        else:
+            ctx.save_for_backward(gate_up)
+        ctx.save_fp8, ctx.dtype = save_fp8, gate_up.dtype
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        if ctx.save_fp8:
+            gu_fp8, scale = ctx.saved_tensors
+            gu = dequantize_rows(gu_fp8, scale, torch.float32)
+        else:
+            (gu,) = ctx.saved_tensors
+            gu = gu.float()
+        g, u = gu.chunk(2, dim=-1)  # (..., F) each
+        sig = torch.sigmoid(g)
+        dh = grad_h.float()
+        grad_g = dh * u * sig * (1 + g * (1 - sig))  # silu'(g) = sig * (1 + g * (1 - sig))
+        grad_u = dh * g * sig
+        return torch.cat([grad_g, grad_u], dim=-1).to(ctx.dtype), None
+
+
+def swiglu(gate_up: torch.Tensor, save_fp8: bool = False) -> torch.Tensor:
+    """``silu(g) * u`` for ``gate_up = [g, u]`` along the last dim (module docstring).
+
+    Saves ``gate_up`` for backward, as E4M3 with per-row scales if ``save_fp8``.
+    """
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"swiglu: the last dim of gate_up must be even ([gate, up]), got {gate_up.shape[-1]}")
+    return _SwiGLU.apply(gate_up, bool(save_fp8))
+
+
+# ------------------------------------------------------------------ attention
+class _FP8SavedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v):
+        with torch.no_grad():
+            y = _sdpa(q, k, v)
+        saved = [t for x in (q, k, v) for t in quantize_rows(x)]
+        ctx.save_for_backward(*saved)
+        ctx.dtype = q.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        q_fp8, q_s, k_fp8, k_s, v_fp8, v_s = ctx.saved_tensors
+        qkv = [dequantize_rows(x, s, ctx.dtype).requires_grad_() for x, s in ((q_fp8, q_s), (k_fp8, k_s), (v_fp8, v_s))]
+        with torch.enable_grad():
+            y = _sdpa(*qkv)
+        return torch.autograd.grad(y, qkv, grad_y)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, save_fp8: bool = False) -> torch.Tensor:
+    """Causal multi-head attention of (B, nh, T, hd) tensors (module docstring).
+
+    ``save_fp8=False``: ``F.scaled_dot_product_attention`` with a contiguous ``v``. ``save_fp8=True``:
+    the same forward; q, k, v saved as E4M3 rows and the forward recomputed in backward.
+    """
+    if not (q.shape == k.shape == v.shape) or q.dim() != 4:
+        raise ValueError(f"causal_attention: q, k, v must share one (B, nh, T, hd) shape, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if save_fp8 and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _FP8SavedAttention.apply(q, k, v)
+    if v.device.type != "cpu":  # (the CPU path widens v to a new float32 tensor anyway)
+        v = v.contiguous()
+    return _sdpa(q, k, v)

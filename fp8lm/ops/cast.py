@@ -1,0 +1,169 @@
+"""Fused amax + FP8 cast (+ transposed copy) of a 2-D high-precision tensor: Triton on GPUs, plain torch twin.
+
+Numerics (bit for bit those of ``fp8lm.formats.amax`` and ``fp8lm.formats.quantize``)::
+
+    amax     = max |x|                       float32; NaN if x holds a NaN (inf if it holds an inf)
+    x_fp8    = cast_rne(clamp(f32(x) * scale, -fmt.max, fmt.max) + (x - x))
+    x_fp8_t  = x_fp8.T, contiguous            the same bytes in the other layout
+
+``+ (x - x)`` adds 0 where x is finite and NaN where it is inf or NaN, so a non-finite input is NaN in
+FP8, never a saturated finite value (``formats.py``). The cast rounds to nearest even; the clamp
+comes first, so no value overflows. The transposed copy exists because ``torch._scaled_mm`` wants
+its first operand row-major and its second column-major: the weight-gradient GEMM reads
+``x`` and ``grad_out`` transposed, and writing both layouts while the tile is in registers saves a
+separate pass (read 1 byte, write 1 byte per element) in backward.
+
+Bytes per element of a BF16 input (the floor is memory bandwidth; no arithmetic to speak of):
+
+* plain torch, eager (the twin): ``x.abs()`` + ``amax`` (6 bytes), then ``float()``, ``* scale``,
+  ``clamp_``, ``x - x``, ``+=``, ``to(fp8)`` (about 45 bytes with the float32 temporaries), then a
+  transposed ``contiguous()`` (2 bytes): about 50 bytes.
+* here: with a known scale (delayed/static scaling) one pass reads x (2 bytes), writes x_fp8 and
+  x_fp8_t (2 bytes) and one partial amax per tile: 4 bytes. Current scaling needs the amax before
+  the cast: one extra read-only pass (2 bytes), 6 in all; the partial amaxes (one float32 per
+  64x64 tile) are reduced by ``torch.amax`` (which propagates NaN like ``formats.amax``).
+
+``backend="auto"`` takes Triton for CUDA tensors when Triton imports, the twin otherwise (CPUs: the
+twin is the CPU path and the GPU test's oracle, ``tests/test_cast.py``). ``backend="triton"`` on a
+CPU tensor runs the kernels in Triton's interpreter when ``TRITON_INTERPRET=1`` (a debugging aid).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fp8lm.formats import Format, amax, get_format, quantize
+
+__all__ = ["fused_amax", "fused_cast", "cast_reference", "triton_available", "BACKENDS"]
+
+BACKENDS = ("auto", "triton", "torch")
+_BLOCK_M, _BLOCK_N = 64, 64
+
+
+try:  # Triton is optional: without it (CPUs) every function here runs the plain-torch twin
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _tile_amax(x):
+        """max |x| of a float32 tile; NaN if the tile holds a NaN (``tl.max`` alone would skip it)."""
+        a = tl.max(tl.max(tl.abs(x), 1), 0)
+        n_nan = tl.sum(tl.sum((x != x).to(tl.int32), 1), 0)
+        return tl.where(n_nan > 0, float("nan"), a)
+
+    @triton.jit
+    def _amax_kernel(x_ptr, partial_ptr, M, N, stride_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        x = tl.load(x_ptr + rm[:, None] * stride_m + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(partial_ptr + pid_m * tl.num_programs(1) + pid_n, _tile_amax(x))
+
+    @triton.jit
+    def _cast_kernel(x_ptr, scale_ptr, out_ptr, out_t_ptr, partial_ptr, M, N, stride_m,
+                     FMT_MAX: tl.constexpr, E4M3: tl.constexpr, TRANSPOSE: tl.constexpr, TRANS_TILE: tl.constexpr,
+                     AMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        x = tl.load(x_ptr + rm[:, None] * stride_m + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = x * tl.load(scale_ptr)
+        y = tl.where(y > FMT_MAX, FMT_MAX, y)  # comparisons, not min/max: NaN must stay NaN
+        y = tl.where(y < -FMT_MAX, -FMT_MAX, y)
+        y = y + (x - x)  # + 0 where finite (-0 becomes +0, as in the twin), NaN where x is inf or NaN
+        if E4M3:
+            y8 = y.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+        else:
+            y8 = y.to(tl.float8e5, fp_downcast_rounding="rtne")
+        tl.store(out_ptr + rm[:, None] * N + rn[None, :], y8, mask=mask)
+        if TRANSPOSE:
+            if TRANS_TILE:  # transpose the tile in registers/shared memory, then coalesced stores
+                mask_t = (rn[:, None] < N) & (rm[None, :] < M)
+                tl.store(out_t_ptr + rn[:, None] * M + rm[None, :], tl.trans(y8), mask=mask_t)
+            else:  # strided stores straight from the tile's layout
+                tl.store(out_t_ptr + rn[None, :] * M + rm[:, None], y8, mask=mask)
+        if AMAX:
+            tl.store(partial_ptr + pid_m * tl.num_programs(1) + pid_n, _tile_amax(x))
+
+
+def triton_available(device: torch.device | str) -> bool:
+    """Whether the Triton kernels can run on ``device``: a CUDA device and an importable Triton, or
+    any device under Triton's interpreter (``TRITON_INTERPRET=1``, which runs kernels on the CPU)."""
+    if triton is None:
+        return False
+    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _use_triton(x_hp: torch.Tensor, backend: str) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend == "triton" and not triton_available(x_hp.device):
+        raise ValueError(f"backend 'triton' needs a CUDA tensor and an importable Triton; got a {x_hp.device} tensor")
+    return backend == "triton" or (backend == "auto" and x_hp.is_cuda and triton_available(x_hp.device))
+
+
+def _check_2d(x_hp: torch.Tensor) -> torch.Tensor:
+    if x_hp.dim() != 2:
+        raise ValueError(f"expected a 2-D tensor, got shape {tuple(x_hp.shape)}")
+    if not x_hp.is_floating_point() or x_hp.element_size() < 2:
+        raise ValueError(f"expected a float16, bfloat16 or float32 tensor, got {x_hp.dtype}")
+    return x_hp if x_hp.stride(1) == 1 else x_hp.contiguous()
+
+
+def _grid(m: int, n: int) -> tuple[int, int]:
+    return (-(-m // _BLOCK_M), -(-n // _BLOCK_N))
+
+
+def fused_amax(x_hp: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``formats.amax(x_hp)`` of a 2-D tensor: one read-only pass (Triton) and a tiny reduction."""
+    x_hp = _check_2d(x_hp)
+    if not _use_triton(x_hp, backend) or x_hp.numel() == 0:
+        return amax(x_hp)
+    m, n = x_hp.shape
+    grid = _grid(m, n)
+    partial = torch.empty(grid, dtype=torch.float32, device=x_hp.device)
+    _amax_kernel[grid](x_hp, partial, m, n, x_hp.stride(0), BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N)
+    return partial.amax()
+
+
+def cast_reference(x_hp: torch.Tensor, fmt: Format | str, scale: torch.Tensor, transpose: bool = False,
+                   with_amax: bool = False):
+    """The plain-torch twin of ``fused_cast`` (same arguments, same results, bit for bit)."""
+    fmt = get_format(fmt)
+    x_hp = _check_2d(x_hp)
+    x_fp8 = quantize(x_hp, fmt, scale)  # (M, N)
+    x_fp8_t = x_fp8.t().contiguous() if transpose else None  # (N, M)
+    return x_fp8, x_fp8_t, (amax(x_hp) if with_amax else None)
+
+
+def fused_cast(x_hp: torch.Tensor, fmt: Format | str, scale: torch.Tensor, transpose: bool = False,
+               with_amax: bool = False, backend: str = "auto", trans_tile: bool = True):
+    """Cast a 2-D tensor to FP8 with ``scale`` in one pass; returns ``(x_fp8, x_fp8_t, amax)``.
+
+    ``x_fp8`` is (M, N) row-major; ``x_fp8_t`` its (N, M) row-major transpose when ``transpose``
+    (else None); ``amax`` = ``formats.amax(x_hp)`` from the same pass when ``with_amax`` (else
+    None). ``scale`` is a float32 tensor with one element on ``x_hp``'s device. ``trans_tile``
+    picks how the Triton kernel writes the transpose (tile transposed on chip, or strided stores).
+    """
+    fmt = get_format(fmt)
+    x_hp = _check_2d(x_hp)
+    if scale.numel() != 1:
+        raise ValueError(f"scale must have one element, got shape {tuple(scale.shape)}")
+    if not _use_triton(x_hp, backend) or x_hp.numel() == 0:
+        return cast_reference(x_hp, fmt, scale, transpose, with_amax)
+    m, n = x_hp.shape
+    grid = _grid(m, n)
+    x_fp8 = torch.empty(m, n, dtype=fmt.dtype, device=x_hp.device)
+    x_fp8_t = torch.empty(n, m, dtype=fmt.dtype, device=x_hp.device) if transpose else None
+    partial = torch.empty(grid, dtype=torch.float32, device=x_hp.device) if with_amax else None
+    _cast_kernel[grid](x_hp, scale.reshape(1).float(), x_fp8, x_fp8_t if transpose else x_fp8,
+                       partial if with_amax else x_fp8, m, n, x_hp.stride(0),
+                       FMT_MAX=fmt.max, E4M3=fmt.name == "e4m3", TRANSPOSE=transpose, TRANS_TILE=trans_tile,
+                       AMAX=with_amax, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N)
+    return x_fp8, x_fp8_t, (partial.amax() if with_amax else None)

@@ -1,0 +1,85 @@
+"""`fp8lm bench` on a CPU: the smoke version runs end to end and writes a well-formed JSON."""
+import json
+import math
+
+import pytest
+import torch
+
+from fp8lm.bench import BenchConfig, format_tables, resolve
+from fp8lm.cli import main
+
+SMOKE = ["bench", "--device", "cpu", "--batch-size", "1", "--seq-len", "16", "--steps", "1", "--warmup", "1",
+         "--gemm-repeats", "2", "--no-progress"]
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny ops on a shared 2-core machine ran 20x slower with 2 threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bench_cpu_smoke_writes_json(tmp_path, capsys, one_thread):
+    out = tmp_path / "bench.json"
+    assert main([*SMOKE, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "GEMM level" in printed and "Step level" in printed
+    result = json.loads(out.read_text())
+    assert set(result) == {"meta", "gemm", "step"}
+    meta = result["meta"]
+    assert meta["device"] == "cpu" and meta["timer"] == "wall clock" and meta["peak_tflops"] is None
+    assert meta["command"].startswith("fp8lm bench") and meta["config"]["preset"] == "tiny"
+
+    assert len(result["gemm"]) == 2
+    for row in result["gemm"]:
+        m, k, n = row["shape"]
+        assert row["flops"] == 6 * m * k * n
+        for name in ("bf16", "fp8"):
+            v = row["variants"][name]
+            assert "error" not in v, v
+            assert all(_positive(v[key]) for key in ("ms", "tflops", "ratio")), v
+        assert row["variants"]["bf16"]["ratio"] == 1.0
+
+    steps = {r["variant"]: r for r in result["step"]}
+    assert set(steps) == {"O0", "O1", "O2"}
+    for level, r in steps.items():
+        assert "error" not in r, r
+        assert r["compile"] is False
+        for key in ("ms_per_step", "tokens_per_s", "tflops", "ratio_vs_O0", "loss"):
+            assert _positive(r[key]), (level, key, r[key])
+        assert r["mfu"] is None and r["peak_mem_gib"] is None  # no peak and no allocator stats on a CPU
+        assert r["steps"] == 1
+    assert steps["O0"]["ratio_vs_O0"] == 1.0
+
+
+def test_bench_table_reports_errors_and_skips():
+    result = {"meta": {"device_name": "cpu", "device": "cpu", "torch": "x", "triton": None, "torchao": None,
+                       "date_utc": "d", "timer": "wall clock", "peak_tflops": None, "peak_note": None,
+                       "config": {"preset": "tiny", "batch_size": 1, "seq_len": 16, "steps": 1, "warmup": 1}},
+              "gemm": [{"label": "8 x 16->16", "variants": {"bf16": {"tflops": 1.0, "ratio": 1.0},
+                                                           "fp8": {"error": "RuntimeError: boom"}}}],
+              "step": [{"variant": "O1", "compile": True, "error": "BackendCompilerFailed: no"},
+                       {"variant": "O2", "compile": True, "skipped": "time budget spent"}]}
+    table = format_tables(result)
+    assert "error" in table and "BackendCompilerFailed" in table and "time budget spent" in table
+
+
+@pytest.mark.parametrize("bad", [dict(levels=("O9",)), dict(levels=("O0", "O3")), dict(compile="sometimes"),
+                                 dict(steps=0), dict(preset="huge"), dict(device="tpu")])
+def test_bench_config_errors_are_value_errors(bad):
+    with pytest.raises(ValueError):
+        resolve(BenchConfig(device=bad.pop("device", "cpu"), **bad))
+
+
+def test_bench_cli_bad_argument_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--compile", "sometimes"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fp8lm: error:") and err.count("\n") == 1

@@ -1,0 +1,248 @@
+"""Fused amax + FP8 cast (+ transpose): the Triton kernels against their plain-torch twin, bit for bit.
+
+* CPU: the twin against ``fp8lm.formats``, argument errors, and Float8Linear's fused-path wiring
+  (transposed copies handed to backward) with the twin standing in for the kernels.
+* GPU (skipped without CUDA and Triton): every output byte of the Triton kernels against the twin
+  on inputs with heavy tails, sizes not divisible by the tile, and planted -0, inf, NaN, saturating
+  and subnormal values; Float8Linear with the kernels switched on against the plain path.
+* Triton's interpreter on a CPU (``TRITON_INTERPRET=1 python -m pytest tests/test_cast.py -k
+  interpreter``, needs Triton installed): everything but the FP32->FP8 rounding itself, which the
+  interpreter emulates differently from hardware (see ``test_interpreter_kernels_match_oracle``).
+"""
+import os
+
+import pytest
+import torch
+
+from conftest import randn_heavy
+from fp8lm.formats import E4M3, E5M2, amax, quantize, scale_from_amax
+from fp8lm.ops.cast import cast_reference, fused_amax, fused_cast, triton_available
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+needs_triton = pytest.mark.skipif(INTERPRET or not (torch.cuda.is_available() and triton_available("cuda")),
+                                  reason="needs a CUDA GPU and Triton (not the interpreter)")
+needs_interpreter = pytest.mark.skipif(not (INTERPRET and triton_available("cpu")),
+                                       reason="needs Triton and TRITON_INTERPRET=1")
+SHAPES = [(37, 100), (1000, 515), (2048, 4096)]
+
+
+def _input(m, n, dtype, device, specials=True):
+    x = randn_heavy(m, n, dist="student_t") * 3.0  # (m, n)
+    if specials:
+        flat = x.view(-1)
+        idx = torch.randperm(flat.numel())[:12]
+        flat[idx] = torch.tensor([-0.0, 0.0, 1e-30, -1e-30, 1e6, -1e6, 3e-5, -3e-5, 2.5, -2.5, 1e-8, 7.0])
+    return x.to(dtype=dtype, device=device)
+
+
+def _plant_nonfinite(x):
+    flat = x.view(-1)
+    flat[flat.numel() // 3] = float("inf")
+    flat[flat.numel() // 2] = float("-inf")
+    flat[-1] = float("nan")
+    return x
+
+
+def _same_bits(a, b):
+    """Equal FP8 bytes, NaN positions compared as NaN (its sign bit is not specified)."""
+    assert a.dtype == b.dtype and a.shape == b.shape and a.is_contiguous() and b.is_contiguous()
+    nan_a, nan_b = a.float().isnan(), b.float().isnan()
+    assert torch.equal(nan_a, nan_b)
+    ok = a.view(torch.uint8)[~nan_a] == b.view(torch.uint8)[~nan_b]
+    assert bool(ok.all()), f"{int((~ok).sum())} of {ok.numel()} bytes differ"
+
+
+def test_twin_is_formats_quantize(seed):
+    x = _input(37, 100, torch.bfloat16, "cpu")
+    scale = scale_from_amax(amax(x), E4M3)
+    x_fp8, x_fp8_t, a = cast_reference(x, E4M3, scale, transpose=True, with_amax=True)
+    _same_bits(x_fp8, quantize(x, E4M3, scale))
+    _same_bits(x_fp8_t, quantize(x, E4M3, scale).t().contiguous())
+    assert torch.equal(a, amax(x))
+
+
+def test_cpu_runs_the_twin(seed):
+    x = _input(64, 48, torch.float32, "cpu")
+    scale = torch.tensor(4.0)
+    got = fused_cast(x, "e5m2", scale, transpose=True, with_amax=True)
+    ref = cast_reference(x, "e5m2", scale, transpose=True, with_amax=True)
+    _same_bits(got[0], ref[0])
+    _same_bits(got[1], ref[1])
+    assert torch.equal(fused_amax(x), amax(x))
+
+
+TRITON_ON_CPU = pytest.param("triton on cpu", marks=pytest.mark.skipif(INTERPRET, reason="the interpreter runs it"))
+
+
+@pytest.mark.parametrize("bad", ["3d", "int", "scale", "backend", TRITON_ON_CPU])
+def test_bad_arguments_are_value_errors(bad):
+    x = torch.randn(8, 8)
+    args = dict(x_hp=x, fmt="e4m3", scale=torch.ones(()))
+    if bad == "3d":
+        args["x_hp"] = torch.randn(2, 8, 8)
+    elif bad == "int":
+        args["x_hp"] = torch.ones(8, 8, dtype=torch.int32)
+    elif bad == "scale":
+        args["scale"] = torch.ones(2)
+    elif bad == "backend":
+        args["backend"] = "cuda"
+    else:
+        args["backend"] = "triton"
+    with pytest.raises(ValueError):
+        fused_cast(**args)
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=["e4m3", "e5m2"])
+def test_triton_cast_matches_twin_bit_for_bit(shape, dtype, fmt, seed):
+    x = _input(*shape, dtype, "cuda")
+    for scale in (scale_from_amax(amax(x), fmt), scale_from_amax(amax(x), fmt, pow2=True),
+                  scale_from_amax(amax(x), fmt) * 64):  # the last one saturates the largest values
+        ref = cast_reference(x, fmt, scale, transpose=True, with_amax=True)
+        for trans_tile in (True, False):
+            got = fused_cast(x, fmt, scale, transpose=True, with_amax=True, backend="triton", trans_tile=trans_tile)
+            _same_bits(got[0], ref[0])
+            _same_bits(got[1], ref[1])
+            assert torch.equal(got[2], ref[2])
+        x_fp8, x_fp8_t, a = fused_cast(x, fmt, scale, backend="triton")
+        _same_bits(x_fp8, ref[0])
+        assert x_fp8_t is None and a is None
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=["e4m3", "e5m2"])
+def test_triton_nonfinite_inputs_become_nan(fmt, seed):
+    x = _plant_nonfinite(_input(300, 130, torch.bfloat16, "cuda"))
+    scale = torch.tensor(2.0, device="cuda")
+    ref = cast_reference(x, fmt, scale, transpose=True, with_amax=True)
+    got = fused_cast(x, fmt, scale, transpose=True, with_amax=True, backend="triton")
+    _same_bits(got[0], ref[0])
+    _same_bits(got[1], ref[1])
+    assert int(got[0].float().isnan().sum()) == 3
+    assert got[2].isnan() and ref[2].isnan()
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", SHAPES)
+def test_triton_amax_matches_formats_amax(shape, seed):
+    x = _input(*shape, torch.bfloat16, "cuda")
+    assert torch.equal(fused_amax(x, backend="triton"), amax(x))
+    x_t = x.t()  # a column-major view: made contiguous first
+    assert torch.equal(fused_amax(x_t, backend="triton"), amax(x_t))
+    x[shape[0] // 2, shape[1] // 2] = float("inf")
+    assert fused_amax(x, backend="triton") == float("inf")
+    x[-1, -1] = float("nan")
+    assert fused_amax(x, backend="triton").isnan()
+
+
+@needs_triton
+@pytest.mark.parametrize("master", ["fp32", "fp16"])
+@pytest.mark.parametrize("scaling", ["current", "delayed"])
+def test_float8_linear_fused_path_is_bit_identical(master, scaling, seed):
+    """Float8Linear with the Triton casts gives the same output and gradients as the plain path."""
+    from torch import nn
+
+    from fp8lm.nn.linear import Float8Linear, set_fused_cast
+    from fp8lm.scaling import Recipe
+
+    def run(fused):
+        torch.manual_seed(seed)
+        layer = Float8Linear.from_linear(nn.Linear(200, 96, device="cuda"), Recipe(scaling=scaling), master=master)
+        x = (randn_heavy(3, 50, 200, dist="student_t")).to("cuda", torch.bfloat16).requires_grad_()  # (B, T, K)
+        g = randn_heavy(3, 50, 96, dist="student_t").to("cuda", torch.bfloat16) * 1e-3  # (B, T, N)
+        old = set_fused_cast(fused)
+        try:
+            outs = []
+            for _ in range(2):  # the second call reads the delayed history the first one wrote
+                out = layer(x)
+                gx, gw = torch.autograd.grad(out, (x, layer.weight), g)
+                gw = gw.dequantize() if hasattr(gw, "dequantize") else gw
+                outs += [out, gx, gw]
+        finally:
+            set_fused_cast(old)
+        return outs + [layer.fp8_amax_history.clone(), layer.fp8_last_scale.clone()]
+
+    for plain, fused in zip(run(False), run(True)):
+        assert torch.equal(plain, fused)
+
+
+def test_float8_linear_fused_wiring_on_cpu(monkeypatch, seed):
+    """The fused path's layouts (transposed copies viewed back for backward) give the plain path's bits.
+
+    The twin stands in for the kernels (``fused_cast`` falls back to it on a CPU), so this checks
+    Float8Linear's wiring everywhere; the GPU test above checks the kernels themselves.
+    """
+    from torch import nn
+
+    import fp8lm.nn.linear as linear_mod
+    from fp8lm.nn.linear import Float8Linear
+    from fp8lm.scaling import Recipe
+
+    def run(fused):
+        torch.manual_seed(seed)
+        layer = Float8Linear.from_linear(nn.Linear(200, 96), Recipe(scaling="delayed"), master="fp16")
+        x = randn_heavy(3, 50, 200, dist="student_t").to(torch.bfloat16).requires_grad_()  # (B, T, K)
+        g = randn_heavy(3, 50, 96, dist="student_t").to(torch.bfloat16) * 1e-3  # (B, T, N)
+        with monkeypatch.context() as mp:
+            if fused:
+                mp.setattr(linear_mod, "_fused", lambda t: t.dim() == 2)
+            outs = []
+            for _ in range(2):
+                out = layer(x)
+                gx, gw = torch.autograd.grad(out, (x, layer.weight), g)
+                outs += [out, gx, gw.dequantize()]
+        return outs + [layer.fp8_amax_history.clone(), layer.fp8_last_scale.clone()]
+
+    for plain, fused in zip(run(False), run(True)):
+        assert torch.equal(plain, fused)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("shape", [(37, 100), (130, 65), (200, 129)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_interpreter_kernels_match_oracle(shape, dtype, seed):
+    """Under Triton's interpreter: indexing, masks, tiles, transposes, NaN/inf handling and amax.
+
+    The interpreter converts FP32 to FP8 in numpy and rounds differently from hardware and torch
+    (a carry into the next binade, subnormals), so the oracle is the twin's float32 pre-cast values,
+    ``clamp(x * s) + (x - x)``, cast by a one-line Triton kernel under the same interpreter.
+    """
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def plain_cast(y_ptr, o_ptr, n, IS_E4M3: tl.constexpr, BLOCK: tl.constexpr):
+        r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        y = tl.load(y_ptr + r, mask=r < n)
+        if IS_E4M3:
+            tl.store(o_ptr + r, y.to(tl.float8e4nv, fp_downcast_rounding="rtne"), mask=r < n)
+        else:
+            tl.store(o_ptr + r, y.to(tl.float8e5, fp_downcast_rounding="rtne"), mask=r < n)
+
+    def oracle(x, fmt, scale):
+        x_f32 = x.float()
+        y = ((x_f32 * scale).clamp(-fmt.max, fmt.max) + (x_f32 - x_f32)).contiguous()
+        out = torch.empty(x.shape, dtype=fmt.dtype)
+        plain_cast[(triton.cdiv(y.numel(), 1024),)](y, out, y.numel(), IS_E4M3=fmt.name == "e4m3", BLOCK=1024)
+        return out
+
+    m, n = shape
+    x = _plant_nonfinite(_input(m, n, dtype, "cpu"))
+    for fmt in (E4M3, E5M2):
+        for scale in (scale_from_amax(amax(x[x.isfinite()]), fmt), torch.tensor(64.0)):
+            ref = oracle(x, fmt, scale)
+            for trans_tile in (True, False):
+                x_fp8, x_fp8_t, a = fused_cast(x, fmt, scale, transpose=True, with_amax=True, backend="triton",
+                                               trans_tile=trans_tile)
+                _same_bits(x_fp8, ref)
+                _same_bits(x_fp8_t, ref.t().contiguous())
+                assert a.isnan()
+    x_fin = torch.where(x.isfinite(), x, torch.ones_like(x))
+    for t in (x_fin, x_fin.t()):
+        assert torch.equal(fused_amax(t, backend="triton"), amax(t))
+        assert torch.equal(fused_cast(t, E4M3, torch.tensor(1.0), with_amax=True, backend="triton")[2], amax(t))
+    x_fin[m // 2, n // 2] = float("-inf")
+    assert fused_amax(x_fin, backend="triton") == float("inf")
+    assert fused_amax(x, backend="triton").isnan()

@@ -304,20 +304,30 @@ def test_two_process_o1_matches_one_process(ranks, single):
           f"{max(rel):.2%}, mean {sum(rel) / len(rel):.2%}")
 
 
-def test_cli_nproc_launches_torchrun(text_file, tmp_path):
-    """`fp8lm train --nproc 2 --dp ddp`: torchrun, one summary from rank 0, bytes in the metrics JSON."""
+def test_cli_nproc_launches_torchrun_and_its_checkpoint_resumes_in_one_process(text_file, tmp_path):
+    """`fp8lm train --nproc 2 --dp ddp`: torchrun, one summary from rank 0, bytes in the metrics JSON;
+    a checkpoint it wrote at world size 2 resumes at world size 1 and continues the same run."""
     import json
     import subprocess
     import sys
-    out = tmp_path / "m.json"
-    cmd = [sys.executable, "-m", "fp8lm", "train", "--nproc", "2", "--dp", "ddp", "--level", "O2", "--steps", "2",
-           "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--device", "cpu", "--data", text_file,
-           "--no-progress", "--metrics-out", str(out)]
+    out, run_dir = tmp_path / "m.json", tmp_path / "run"
+    args = ["train", "--level", "O2", "--steps", "4", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1",
+            "--eval-every", "4", "--device", "cpu", "--data", text_file, "--no-progress", "--out", str(run_dir),
+            "--save-every", "2"]
+    cmd = [sys.executable, "-m", "fp8lm", *args, "--nproc", "2", "--dp", "ddp", "--metrics-out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("fp8lm tiny O2") == 1 and proc.stdout.count("fp8lm ddp x2") == 1, proc.stdout
-    d = json.loads(out.read_text())["distributed"]
-    assert d["world_size"] == 2 and d["fp8_grad_bytes_vs_bf16"] <= 0.55 and len(d["steps"]) == 2
+    two = json.loads(out.read_text())
+    d = two["distributed"]
+    assert d["world_size"] == 2 and d["fp8_grad_bytes_vs_bf16"] <= 0.55 and len(d["steps"]) == 4
+    one_out = tmp_path / "one.json"
+    assert cli.main([*args[:-4], "--out", str(tmp_path / "resumed"), "--resume", str(run_dir / "step-000002"),
+                     "--metrics-out", str(one_out)]) == 0
+    one = json.loads(one_out.read_text())
+    assert one["loss_history"][:2] == two["loss_history"][:2]  # restored from the checkpoint
+    for l1, l2 in zip(one["loss_history"][2:], two["loss_history"][2:]):  # the same batches, 1 process
+        assert abs(l1 - l2) / l2 <= 0.02, (one["loss_history"], two["loss_history"])
 
 
 # ---------------------------------------------------------------- configuration errors

@@ -160,7 +160,7 @@ def initialize(
         verbose: log the conversion summary (logger "fp8lm", level INFO).
         fp8_activations: store activations saved for backward in FP8 where the model offers it
             (modules with an ``fp8_saved_activations`` attribute, e.g. the GPT's SwiGLU, attention
-            and norms: ``fp8lm.nn.activations``). None means True at O2, False at O0/O1.
+            and norms: ``fp8lm.nn.activations``). None means True at O2/O3, False at O0/O1.
         optimizer_options: keyword options for the ``fp8lm.optim.AdamW`` built at O1/O2 (e.g.
             ``{"master_rounding": "nearest"}``, ``{"m_scaling": "tensor"}``).
         dp: "ddp" makes the model data parallel over the initialized ``torch.distributed`` group
@@ -232,7 +232,7 @@ def _set_fp8_activations(model: nn.Module, level: str, flag: bool | None) -> lis
     if flag is None:
         flag = level in ("O2", "O3")
     if flag and level == "O0":
-        raise ValueError("fp8_activations=True needs an FP8 level (O1 or O2); O0 is the BF16 baseline")
+        raise ValueError("fp8_activations=True needs an FP8 level (O1, O2 or O3); O0 is the BF16 baseline")
     names = []
     for name, module in model.named_modules():
         if hasattr(module, "fp8_saved_activations"):

@@ -10,7 +10,6 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import fp8lm
@@ -18,9 +17,9 @@ from fp8lm import cli
 from fp8lm.distributed import FP8AllReduce, grad_sync, simulate_all_reduce
 from fp8lm.formats import E4M3, quantize, scale_from_amax, sqnr_db
 from fp8lm.tensor import ScaledTensor
-from fp8lm.train import TrainConfig, train
+from fp8lm.train import train
+from gloo_runs import WORLD, join_group, parity_config, run_ranks, train_one_thread, write_corpus
 
-WORLD = 2
 SHAPES = [(37, 53), (101,), (3, 5, 7), (1,), (257, 3), (64, 33)]
 MAGNITUDES = [1e-2, 3.0, 1e-6, 0.5, 1e2, 1e-4]  # per tensor: across 8 decades, as layers' gradients are
 HALF_ULP = 2.0**-4  # E4M3: 3 mantissa bits, relative rounding error of a normal value <= 2**-4
@@ -57,18 +56,6 @@ def small_step(model: nn.Module, rank: int) -> None:
     model(x).pow(2).mean().backward()
 
 
-def parity_config(text_file: str, **kw) -> TrainConfig:
-    """The `tiny` preset shrunk for CPU: 4 x 32 tokens per step, 24 steps.
-
-    lr 1e-3 with 5 warmup steps: the preset's 3e-3 after a 2-step warmup (24 // 10) spikes at 128
-    tokens per step in one run or the other, and a spike in one run only says nothing about
-    communication (measured: 1-process O1 jumped to 6.26 at step 5, its 2-process twin did not).
-    """
-    base = dict(preset="tiny", level="O1", steps=24, batch_size=4, seq_len=32, eval_batches=2, eval_every=12,
-                lr=1e-3, warmup=5, device="cpu", data=text_file, progress=False)
-    return TrainConfig(**{**base, **kw})
-
-
 def grads_of(model: nn.Module) -> list:
     """(data bytes, scale) of ScaledTensor grads, the float tensor of the others."""
     out = []
@@ -86,10 +73,7 @@ def params_of(model: nn.Module) -> list:
 
 # ---------------------------------------------------------------- the 2-process run
 def _worker(rank: int, world: int, out_dir: str, text_file: str) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    # a rendezvous file, not a TCP port: no race with other processes for a free port
-    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
+    join_group(rank, world, out_dir)
     res = {}
     reducer = FP8AllReduce()
     res["allreduce"] = [(d.view(torch.uint8).clone(), s) for d, s in reducer.reduce(heavy_grads(rank))]
@@ -116,28 +100,19 @@ def _worker(rank: int, world: int, out_dir: str, text_file: str) -> None:
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text("".join(f"def f{i}(x):\n    return x * {i % 7} + {i}  # line {i}\n" for i in range(800)))
-    return str(path)
+    return write_corpus(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory, text_file):
     """Run the workers once; return each rank's results."""
-    out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_worker, args=(WORLD, str(out), text_file), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_ranks(_worker, tmp_path_factory.mktemp("ranks"), text_file)
 
 
 @pytest.fixture(scope="module")
 def single(text_file):
     """The 1-process O1 reference run on the same global batches (one thread, as each worker)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return train(parity_config(text_file))
-    finally:
-        torch.set_num_threads(threads)
+    return train_one_thread(parity_config(text_file))
 
 
 # ---------------------------------------------------------------- auto-scaling, no processes

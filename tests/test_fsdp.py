@@ -8,7 +8,6 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.utils.checkpoint
 
 from torch import nn
@@ -23,16 +22,8 @@ from fp8lm.formats import quantize
 from fp8lm.models import build_model
 from fp8lm.nn import Float8Linear
 from fp8lm.train import TrainConfig, check_config, train
+from gloo_runs import PARITY_STEPS, WORLD, join_group, parity_config, run_ranks, train_one_thread, write_corpus
 
-WORLD = 2
-STEPS = 24
-
-
-def parity_config(text_file: str, **kw) -> TrainConfig:
-    """The `tiny` preset shrunk for CPU: 4 x 32 tokens per step, 24 steps (as tests/test_distributed.py)."""
-    base = dict(preset="tiny", level="O2", steps=STEPS, batch_size=4, seq_len=32, eval_batches=2, eval_every=12,
-                lr=1e-3, warmup=5, device="cpu", data=text_file, progress=False)
-    return TrainConfig(**{**base, **kw})
 
 
 def small_gpt():
@@ -122,9 +113,7 @@ def gathered_block0(rank: int) -> list:
 
 
 def _worker(rank: int, world: int, out_dir: str, text_file: str) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
+    join_group(rank, world, out_dir)
     res = {level: measure_step(level, rank) for level in ("O3", "O0")}
     res["gathered"] = gathered_block0(rank)
     res["uneven"] = uneven_losses(rank, world)
@@ -138,28 +127,19 @@ def _worker(rank: int, world: int, out_dir: str, text_file: str) -> None:
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text("".join(f"def f{i}(x):\n    return x * {i % 7} + {i}  # line {i}\n" for i in range(800)))
-    return str(path)
+    return write_corpus(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory, text_file):
     """Run the workers once; return each rank's results."""
-    out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_worker, args=(WORLD, str(out), text_file), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_ranks(_worker, tmp_path_factory.mktemp("ranks"), text_file)
 
 
 @pytest.fixture(scope="module")
 def single(text_file):
     """The 1-process O2 reference on the same global batches (one thread, as each worker)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return train(parity_config(text_file))
-    finally:
-        torch.set_num_threads(threads)
+    return train_one_thread(parity_config(text_file, level="O2"))
 
 
 # ---------------------------------------------------------------- training parity
@@ -169,7 +149,7 @@ def test_two_process_o3_matches_one_process_o2(ranks, single):
     final_1, final_2 = single["final_train_loss"], two["final_train_loss"]
     assert abs(final_2 - final_1) / final_1 <= 0.02, (final_1, final_2)
     rel = [abs(a - b) / b for a, b in zip(two["loss_history"], single["loss_history"])]
-    assert len(rel) == STEPS and max(rel) <= 0.05 and sum(rel) / len(rel) <= 0.01, rel
+    assert len(rel) == PARITY_STEPS and max(rel) <= 0.05 and sum(rel) / len(rel) <= 0.01, rel
     for (s1, v1), (s2, v2) in zip(single["val_history"], two["val_history"]):
         assert s1 == s2 and abs(v1 - v2) / v1 <= 0.02
     d = two["distributed"]

@@ -311,26 +311,16 @@ class ShardedAdamW(AdamW):
     so ``state_dict()`` is this rank's shard of the state.
     """
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One step of every local shard with a gradient; returns the closure's loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                local = _local(p)
-                local.grad = _local(p.grad)
-                self.state[local] = self.state.pop(p, {})
-                try:
-                    (self._step_fp32 if group["state"] == "fp32" else self._step_fp8)(local, group)
-                finally:
-                    self.state[p] = self.state.pop(local)
-                    local.grad = None
-        return loss
+    def _step_param(self, p: torch.Tensor, group: dict) -> None:
+        """Step the local shard of ``p`` (its state moved under the shard for the step, then back)."""
+        local = _local(p)
+        local.grad = _local(p.grad)
+        self.state[local] = self.state.pop(p, {})
+        try:
+            super()._step_param(local, group)
+        finally:
+            self.state[p] = self.state.pop(local)
+            local.grad = None
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fp8lm.formats import E4M3
+from fp8lm.formats import E4M3, dequantize, quantize, scale_from_amax
 from fp8lm.nn.bf16 import causal_attention as _sdpa  # fast BF16 attention on CPUs
 
 __all__ = ["rms_norm", "swiglu", "causal_attention", "rms_norm_reference", "swiglu_reference",
@@ -52,19 +52,14 @@ def quantize_rows(x_hp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``scale`` has shape ``x.shape[:-1] + (1,)`` (float32); a row's amax maps into (224, 448].
     All-zero or non-finite rows get scale 1 (non-finite values stay non-finite: NaN).
     """
-    x_f32 = x_hp.float()
-    amax = x_f32.abs().amax(dim=-1, keepdim=True)  # (..., 1)
-    ok = torch.isfinite(amax) & (amax > 0)
-    scale = torch.where(ok, E4M3.max / amax.clamp(min=1e-30), torch.ones_like(amax))
-    scale = torch.exp2(torch.floor(torch.log2(scale))).clamp(max=2.0**100)
-    x_scaled = (x_f32 * scale).clamp_(-E4M3.max, E4M3.max)
-    x_scaled += x_f32 - x_f32  # NaN where x is inf/NaN (a saturating cast would hide it)
-    return x_scaled.to(E4M3.dtype), scale
+    amax_rows = x_hp.abs().amax(dim=-1, keepdim=True).float()  # (..., 1)
+    scale = scale_from_amax(amax_rows, E4M3, pow2=True)  # elementwise: one scale per row
+    return quantize(x_hp, E4M3, scale), scale  # saturating; inf/NaN elements become NaN
 
 
 def dequantize_rows(x_fp8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of ``quantize_rows``: ``x_fp8 / scale`` in ``dtype`` (exact for a power-of-two scale)."""
-    return (x_fp8.float() / scale).to(dtype)
+    return dequantize(x_fp8, scale, dtype)
 
 
 # ------------------------------------------------------------------ RMSNorm

@@ -352,15 +352,18 @@ class AdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise ValueError("fp8lm.optim.AdamW does not support sparse gradients")
-                if group["state"] == "fp32":
-                    self._step_fp32(p, group)
-                else:
-                    self._step_fp8(p, group)
+                if p.grad is not None:
+                    self._step_param(p, group)
         return loss
+
+    def _step_param(self, p: torch.Tensor, group: dict) -> None:
+        """Step one parameter that has a gradient (the FP32 or the FP8 path of its group)."""
+        if p.grad.is_sparse:
+            raise ValueError("fp8lm.optim.AdamW does not support sparse gradients")
+        if group["state"] == "fp32":
+            self._step_fp32(p, group)
+        else:
+            self._step_fp8(p, group)
 
     def _grad_hp(self, p: torch.Tensor) -> torch.Tensor:
         """The gradient as a plain tensor (dequantized when it is a ScaledTensor)."""

@@ -24,8 +24,14 @@ def test_round_trip_sqnr_and_flush(seed, shape, dist, fmt, pow2):
     x_back = dequantize(x_fp8, scale, torch.float64)
     assert torch.isfinite(x_back).all()
     assert sqnr_db(x.double(), x_back) >= BARS[(fmt, pow2)]
-    flushed = ((x_back == 0) & (x != 0)).double().mean().item()
-    assert flushed <= 1e-3, f"{flushed:.2%} of non-zero inputs flushed to zero"
+    flushed = (x_back == 0) & (x != 0)
+    fmt_ = get_format(fmt)
+    # exactly the inputs below half the smallest subnormal flush: rounding, not a lost range
+    assert torch.equal(flushed, (x.double().abs() * scale.double() <= fmt_.min_subnormal / 2) & (x != 0))
+    # and there are few: a Gaussian element lands that low about once in 1e5 draws, so a small tensor
+    # may hold one or two (910 elements: 1 in ~100 draws), never a thousandth of a large one
+    n_flushed = int(flushed.sum())
+    assert n_flushed <= max(2, 1e-3 * x.numel()), f"{n_flushed} of {x.numel()} non-zero inputs flushed to zero"
 
 
 def test_amax_lands_on_format_max(seed):

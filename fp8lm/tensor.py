@@ -60,6 +60,7 @@ What ops do (``__torch_dispatch__``):
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils._pytree import tree_flatten, tree_map, tree_map_only
 
 from fp8lm.formats import FORMATS, quantize, scale_from_amax
@@ -208,6 +209,10 @@ class ScaledTensor(torch.Tensor):
         self._data, self._scale, self._home_dtype = new._data, new._scale, new._home_dtype
 
     def __repr__(self) -> str:
+        # Compilers repr their metadata (torch 2.11's Inductor on CUDA did, for a cache key): a fake
+        # scale has no value, and reading one (float()) would fail the compile. Describe it instead.
+        if is_fake(self._scale):
+            return f"ScaledTensor(data={self._data.dtype}, scale=<fake>, shape={tuple(self.shape)})"
         return (f"ScaledTensor(data={self._data.dtype}, scale={float(self._scale):g}, shape={tuple(self.shape)}, "
                 f"value={self.dequantize()})")
 

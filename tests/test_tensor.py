@@ -299,3 +299,17 @@ def test_module_apply_and_data_setter(seed):
     with pytest.raises(ValueError, match="float64"):
         m.double()  # a ScaledTensor is float32 by definition; never a stale wrapper
     assert w.dtype == torch.float32 and w._data.dtype == torch.float16
+
+
+def test_repr_of_a_fake_scaled_tensor_reads_no_value():
+    """torch 2.11's Inductor (CUDA) repr'd a ScaledTensor whose scale was fake while compiling an FP8
+    block; reading the scale's value there failed the whole compile (the FP8 block fell back to eager)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    real = ScaledTensor.from_hp(torch.randn(4, 8), torch.float16)
+    with FakeTensorMode(shape_env=ShapeEnv()) as mode:
+        fake = ScaledTensor(mode.from_tensor(real._data), mode.from_tensor(real._scale))
+        text = repr(fake)
+    assert text.startswith("ScaledTensor(data=torch.float16, scale=<fake>, shape=")
+    assert "value=" in repr(real) and "scale=" in repr(real)

@@ -1,4 +1,7 @@
-"""Find what breaks Inductor on the FP8 block (GPU debugging aid): compile pieces with fullgraph and print tracebacks."""
+"""Find what breaks Inductor on the FP8 block (GPU debugging aid): compile pieces with fullgraph and print tracebacks.
+
+Usage: python benchmarks/compile_debug.py [SUBSTRING ...]   (only the cases whose name contains one)
+"""
 import sys
 import traceback
 
@@ -49,8 +52,14 @@ def block_case(level, recipe):
     return run
 
 
-attempt("layer fp32 master, no autocast, bf16 x", layer_case("fp32", False, torch.bfloat16))
-attempt("layer fp16 master, no autocast, bf16 x", layer_case("fp16", False, torch.bfloat16))
-attempt("layer fp16 master, autocast, fp32 x", layer_case("fp16", True, torch.float32))
-attempt("block O1 current", block_case("O1", "current"))
-attempt("block O1 delayed", block_case("O1", "delayed"))
+CASES = {
+    "layer fp32 master, no autocast, bf16 x": layer_case("fp32", False, torch.bfloat16),
+    "layer fp16 master, no autocast, bf16 x": layer_case("fp16", False, torch.bfloat16),
+    "layer fp16 master, autocast, fp32 x": layer_case("fp16", True, torch.float32),
+    "block O1 current": block_case("O1", "current"),
+    "block O1 delayed": block_case("O1", "delayed"),
+    "block O2 current": block_case("O2", "current"),
+}
+for name, case in CASES.items():
+    if len(sys.argv) == 1 or any(arg in name for arg in sys.argv[1:]):
+        attempt(name, case)

@@ -171,6 +171,14 @@ class _FP8SavedAttention(torch.autograd.Function):
         return torch.autograd.grad(y, qkv, grad_y)
 
 
+@torch.compiler.disable
+def _fp8_saved_attention(q, k, v):
+    """Runs eager inside compiled code: the backward recomputes the forward under autograd
+    (``requires_grad_`` + ``autograd.grad``), which Dynamo cannot trace (torch 2.11 on CUDA refused the
+    whole block, so O2 blocks ran eager). The break costs one graph split per attention call."""
+    return _FP8SavedAttention.apply(q, k, v)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, save_fp8: bool = False) -> torch.Tensor:
     """Causal multi-head attention of (B, nh, T, hd) tensors (module docstring).
 
@@ -181,7 +189,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, save_fp8
         raise ValueError(f"causal_attention: q, k, v must share one (B, nh, T, hd) shape, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if save_fp8 and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _FP8SavedAttention.apply(q, k, v)
+        return _fp8_saved_attention(q, k, v)
     if v.device.type != "cpu":  # (the CPU path widens v to a new float32 tensor anyway)
         v = v.contiguous()
     return _sdpa(q, k, v)

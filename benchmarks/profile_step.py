@@ -1,0 +1,66 @@
+"""Where a step's GPU time goes (a GPU debugging aid): torch.profiler over compiled llama-0.75b steps.
+
+Usage: python benchmarks/profile_step.py [LEVEL ...]   (default O1). Prints, per level, the median
+time of each phase (forward+backward, clip_grad_norm_, optimizer.step, zero_grad; CUDA events) and
+the top CUDA kernels of two profiled steps.
+"""
+import statistics
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from fp8lm.bench import BenchConfig, _build
+
+
+def phases(model, optimizer, x, y, steps: int = 5) -> dict:
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    names = ("fwd+bwd", "clip", "optim", "zero_grad")
+    times = {n: [] for n in names}
+    for _ in range(steps):
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(5)]
+        ev[0].record()
+        _, loss = model(x, y)
+        loss.backward()
+        ev[1].record()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        ev[2].record()
+        optimizer.step()
+        ev[3].record()
+        optimizer.zero_grad(set_to_none=True)
+        ev[4].record()
+        torch.cuda.synchronize()
+        for i, n in enumerate(names):
+            times[n].append(ev[i].elapsed_time(ev[i + 1]))
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def main() -> None:
+    levels = sys.argv[1:] or ["O1"]
+    for level in levels:
+        torch._dynamo.reset()
+        cfg = BenchConfig(device="cuda", preset="llama-0.75b", batch_size=8, seq_len=2048)
+        model, optimizer = _build(cfg, level)
+        for block in model.layers:
+            block.compile()
+        vocab = model.config.vocab_size
+        x = torch.randint(0, vocab, (8, 2048), device="cuda")  # (B, T)
+        y = torch.randint(0, vocab, (8, 2048), device="cuda")  # (B, T)
+        ph = phases(model, optimizer, x, y, steps=3)  # warm-up (compiles)
+        ph = phases(model, optimizer, x, y)
+        print(f"== {level}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ph.items()), flush=True)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                _, loss = model(x, y)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90), flush=True)
+        del model, optimizer
+
+
+if __name__ == "__main__":
+    main()

@@ -36,6 +36,9 @@ What ops do (``__torch_dispatch__``):
 
 * ``detach``/``alias`` return a ``ScaledTensor`` sharing ``_data`` and ``_scale``; ``clone`` and
   ``_to_copy`` to float32 (``.to(device)``) return a ``ScaledTensor`` with copies.
+* p-norms of whole tensors (``linalg_vector_norm``, ``_foreach_norm``; p != 0) read ``_data`` (FP8
+  widened to bfloat16, which holds it exactly) and divide by ``|scale|``: ``clip_grad_norm_`` over
+  FP8 gradients makes no float32 copy of them. Float32 accumulation as for any float32 tensor.
 * Every other out-of-place op computes on the dequantized values and returns plain tensors
   (views too: ``w.t()`` is a plain float32 copy, not a view of ``_data``).
 * In-place ops (``copy_``, ``add_``, ``mul_``, ``_foreach_*_``, ``out=``) compute on the dequantized
@@ -258,10 +261,42 @@ class ScaledTensor(torch.Tensor):
             return ScaledTensor(t._data.clone(), t._scale.clone(), home_dtype=t._home_dtype)
         if func is aten._to_copy.default:
             return _to_copy(*args, **kwargs)
+        if func in _NORMS and _homogeneous(func, args, kwargs):
+            return _norm(func, args, kwargs)
         if func._schema.is_mutable:
             return _inplace(func, args, kwargs)
         return func(*tree_map_only(ScaledTensor, lambda t: t.dequantize(), args),
                     **tree_map_only(ScaledTensor, lambda t: t.dequantize(), kwargs))
+
+
+_NORMS = {aten.linalg_vector_norm.default, aten._foreach_norm.Scalar}
+
+
+def _homogeneous(func, args, kwargs) -> bool:
+    """A p-norm with p != 0 scales with |x| (``||x / s|| = ||x|| / |s|``); float32 results only."""
+    p = args[1] if len(args) > 1 else kwargs.get("ord", 2)
+    dtype = kwargs.get("dtype")
+    extra = args[2:] if func is aten._foreach_norm.Scalar else args[2:] + tuple(kwargs.get(k) for k in ("dim",))
+    return float(p) != 0.0 and dtype in (None, torch.float32) and not any(e for e in extra if e is not None)
+
+
+def _scaled_norm(t, p):
+    """The p-norm of a tensor's true value; a ScaledTensor's from its narrow ``_data`` and ``|scale|``:
+    no float32 copy of it (``clip_grad_norm_`` over FP8 gradients: one bfloat16 read instead of a
+    float32 write and read)."""
+    if not isinstance(t, ScaledTensor):
+        return torch.linalg.vector_norm(t, p, dtype=torch.float32) if t.is_floating_point() else \
+            torch.linalg.vector_norm(t.float(), p)
+    data = t._data.to(torch.bfloat16) if t._data.dtype in _FP8 else t._data  # bfloat16 holds FP8 exactly
+    return torch.linalg.vector_norm(data, p, dtype=torch.float32) / t._scale.abs()
+
+
+def _norm(func, args, kwargs):
+    """``linalg_vector_norm`` / ``_foreach_norm`` (whole tensors, p != 0) without dequantizing."""
+    p = args[1] if len(args) > 1 else kwargs.get("ord", 2)
+    if func is aten._foreach_norm.Scalar:
+        return [_scaled_norm(t, p) for t in args[0]]
+    return _scaled_norm(args[0], p)
 
 
 def _to_copy(t: ScaledTensor, *, dtype=None, device=None, **kwargs):

@@ -313,3 +313,29 @@ def test_repr_of_a_fake_scaled_tensor_reads_no_value():
         text = repr(fake)
     assert text.startswith("ScaledTensor(data=torch.float16, scale=<fake>, shape=")
     assert "value=" in repr(real) and "scale=" in repr(real)
+
+
+@pytest.mark.parametrize("data_dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.float16, torch.float32])
+def test_norms_read_narrow_data(seed, data_dtype):
+    """p-norms (and clip_grad_norm_) of a ScaledTensor come from _data / |scale| without a float32 copy:
+    against float64 norms of the true values, heavy-tailed input, an odd shape."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(37, 53, generator=gen) * torch.exp(3 * torch.randn(37, 53, generator=gen))
+    t = ScaledTensor.from_hp(x, data_dtype)
+    ref = t.dequantize().double()
+    for p in (1, 2, 3.0, float("inf")):
+        want = torch.linalg.vector_norm(ref, p)
+        got = torch.linalg.vector_norm(t, p)
+        assert got.dtype == torch.float32 and float(abs(got.double() - want) / want) < 1e-5, p  # float32 sums
+    assert float(torch.linalg.vector_norm(t, 0)) == float((ref != 0).sum())  # p = 0 is not homogeneous
+    plain = torch.randn(5, generator=gen)
+    norms = torch._foreach_norm([t, plain])
+    assert float(abs(norms[0].double() - torch.linalg.vector_norm(ref)) / torch.linalg.vector_norm(ref)) < 1e-6
+    assert torch.equal(norms[1], torch.linalg.vector_norm(plain))
+    w = torch.nn.Parameter(torch.zeros(37, 53))
+    w.grad = t
+    total = torch.nn.utils.clip_grad_norm_([w], 1.0)
+    assert float(abs(total.double() - torch.linalg.vector_norm(ref)) / torch.linalg.vector_norm(ref)) < 1e-6
+    # clipping multiplies FP8 storage through its scale (exact) but re-rounds FP16 data (2**-11 per element)
+    tol = 1e-3 if data_dtype == torch.float16 else 1e-5
+    assert abs(float(torch.linalg.vector_norm(w.grad.dequantize().double())) - 1.0) < tol

@@ -80,6 +80,7 @@ class BenchConfig:
     preset: str | None = None  # llama-0.75b on CUDA, tiny on CPU
     levels: tuple | None = None  # default: BENCH_LEVELS
     recipe: str = "current"
+    fast_accum: bool = False  # the FP8 forward GEMM with Hopper's fast accumulation (Recipe.fast_accum)
     batch_size: int | None = None
     seq_len: int | None = None
     steps: int | None = None  # timed steps per configuration
@@ -123,7 +124,7 @@ def resolve(cfg: BenchConfig) -> BenchConfig:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     preset = cfg.preset or ("llama-0.75b" if cuda else "tiny")
     return BenchConfig(
-        device=device, preset=preset, levels=levels, recipe=cfg.recipe,
+        device=device, preset=preset, levels=levels, recipe=cfg.recipe, fast_accum=bool(cfg.fast_accum),
         batch_size=cfg.batch_size or (8 if cuda else 4),
         seq_len=cfg.seq_len or (PRESETS[preset].seq_len if cuda else 64),
         steps=cfg.steps or (10 if cuda else 2), warmup=cfg.warmup if cfg.warmup is not None else (3 if cuda else 1),
@@ -209,11 +210,18 @@ def torchao_version() -> str | None:
 
 # ----------------------------------------------------------------------------------------------- GEMM level
 
-def _fp8_layer(k: int, n: int, device: str, recipe: str) -> nn.Module:
+def _recipe(cfg: BenchConfig):
+    """The ``fp8lm.Recipe`` of the configuration (its named recipe, plus ``fast_accum``)."""
+    import dataclasses
+
+    from fp8lm.scaling import get_recipe
+    return dataclasses.replace(get_recipe(cfg.recipe), fast_accum=cfg.fast_accum)
+
+
+def _fp8_layer(k: int, n: int, device: str, recipe) -> nn.Module:
     """A `Float8Linear` as O1/O2 build it: FP16 master weight with a scale, FP8 weight gradient."""
     from fp8lm.nn import Float8Linear
-    from fp8lm.scaling import get_recipe
-    return Float8Linear.from_linear(nn.Linear(k, n, bias=False, device=device), get_recipe(recipe), master="fp16")
+    return Float8Linear.from_linear(nn.Linear(k, n, bias=False, device=device), recipe, master="fp16")
 
 
 def _torchao_layer(k: int, n: int, device: str) -> nn.Module:
@@ -276,7 +284,7 @@ def _gemm_closures(m: int, k: int, n: int, cfg: BenchConfig, phase: str, ao: boo
     x_hp = torch.randn(m, k, device=device, dtype=torch.bfloat16, requires_grad=True)
     grad_out_hp = torch.randn(m, n, device=device, dtype=torch.bfloat16)
     if phase == "compiled":
-        makers = {"fp8 compiled": lambda: _fwd_bwd(torch.compile(_fp8_layer(k, n, device, cfg.recipe)),
+        makers = {"fp8 compiled": lambda: _fwd_bwd(torch.compile(_fp8_layer(k, n, device, _recipe(cfg))),
                                                    x_hp, grad_out_hp)}
         if ao:
             makers["torchao compiled"] = lambda: _fwd_bwd(torch.compile(_torchao_layer(k, n, device)),
@@ -284,11 +292,11 @@ def _gemm_closures(m: int, k: int, n: int, cfg: BenchConfig, phase: str, ao: boo
         return makers
     makers = {
         "bf16": lambda: _fwd_bwd(nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16), x_hp, grad_out_hp),
-        "fp8": lambda: _fwd_bwd(_fp8_layer(k, n, device, cfg.recipe), x_hp, grad_out_hp),
+        "fp8": lambda: _fwd_bwd(_fp8_layer(k, n, device, _recipe(cfg)), x_hp, grad_out_hp),
     }
     if triton_available(device) and device.startswith("cuda"):
         makers["fp8 triton"] = lambda: _with_fused_cast(
-            _fwd_bwd(_fp8_layer(k, n, device, cfg.recipe), x_hp, grad_out_hp))
+            _fwd_bwd(_fp8_layer(k, n, device, _recipe(cfg)), x_hp, grad_out_hp))
     if ao:
         makers["torchao"] = lambda: _fwd_bwd(_torchao_layer(k, n, device), x_hp, grad_out_hp)
     if device.startswith("cuda") and torch.cuda.get_device_capability(device) >= (8, 9):
@@ -361,7 +369,7 @@ def _build(cfg: BenchConfig, variant: str):
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), fused=cfg.device.startswith("cuda"))
     level = "O0" if variant == "torchao" else variant
-    return fp8lm.initialize(model, optimizer, level=level, recipe=cfg.recipe, verbose=False)
+    return fp8lm.initialize(model, optimizer, level=level, recipe=_recipe(cfg), verbose=False)
 
 
 def _step_fn(model, optimizer, x, y, marks: list | None):
@@ -569,6 +577,10 @@ def format_tables(result: dict) -> str:
     meta = result["meta"]
     lines = [f"fp8lm bench: {meta['device_name']} ({meta['device']}), torch {meta['torch']}, "
              f"triton {meta['triton']}, torchao {meta['torchao']}, {meta['date_utc']} UTC, timer: {meta['timer']}"]
+    cfg = meta.get("config", {})
+    if cfg:
+        lines.append(f"FP8 recipe: {cfg.get('recipe')}, forward GEMM fast accumulation "
+                     f"{'on' if cfg.get('fast_accum') else 'off'}")
     if not str(meta["device"]).startswith("cuda"):
         lines.append("CPU smoke run: these times measure emulation and software BF16, not FP8 speed")
     if result["gemm"]:

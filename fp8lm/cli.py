@@ -158,6 +158,8 @@ def add_bench(sub) -> None:
     b.add_argument("--compile", choices=["off", "on", "both"],
                    help="torch.compile per block (default both on CUDA, off on CPU)")
     b.add_argument("--no-torchao", action="store_true", help="skip the torchao columns even if torchao is importable")
+    b.add_argument("--fast-accum", action="store_true",
+                   help="FP8 forward GEMMs with Hopper's fast accumulation (fp8lm.Recipe.fast_accum)")
     b.add_argument("--skip-gemm", action="store_true", help="only the step level")
     b.add_argument("--skip-step", action="store_true", help="only the GEMM level")
     b.add_argument("--time-budget", type=positive_float, help="seconds; configurations not started by then are skipped")
@@ -210,6 +212,7 @@ def run(args: argparse.Namespace) -> None:
         from fp8lm.bench import BenchConfig, run_bench
         run_bench(BenchConfig(
             device=args.device, preset=args.preset, levels=args.levels, recipe=args.recipe,
+            fast_accum=args.fast_accum,
             batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps, warmup=args.warmup,
             gemm_repeats=args.gemm_repeats, compile=args.compile, torchao=not args.no_torchao,
             gemm=not args.skip_gemm, step=not args.skip_step, time_budget_s=args.time_budget, out=args.out,

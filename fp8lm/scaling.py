@@ -51,6 +51,10 @@ class Recipe:
     margin: back every scale off by ``2**margin``.
     emulate: run the GEMMs as dequantize + high-precision matmul instead of ``torch._scaled_mm``
         (the fallback on GPUs without FP8; also useful to isolate kernel effects).
+    fast_accum: the forward GEMM (``out = x @ w.T``) uses Hopper's fast FP8 accumulation (no
+        periodic promotion to float32), as torchao's float8 recipes do for that GEMM; the two
+        gradient GEMMs always accumulate in full float32. Off by default (``benchmarks/RESULTS.md``
+        has its speed and error on the H100).
     """
 
     scaling: str = "current"
@@ -60,6 +64,7 @@ class Recipe:
     pow2_scales: bool = False
     margin: int = 0
     emulate: bool = False
+    fast_accum: bool = False
 
     def __post_init__(self):
         if self.scaling not in SCALINGS:

@@ -241,7 +241,7 @@ def _fp8_forward(layer: Float8Linear, x2d, w_hp, update: bool, recompute: bool, 
         w_scale = layer.fp8_scale(_W, w_hp, fmt, update, recompute)
         w_fp8, w_fp8_t = _cast_pair(w_hp, fmt, w_scale, save)  # (N, K), (K, N) or None
     out = fp8_mm(x_fp8, x_scale.reciprocal(), w_fp8.t(), w_scale.reciprocal(), out_dtype,
-                 emulate=layer.recipe.emulate)  # (M, N)
+                 emulate=layer.recipe.emulate, fast_accum=layer.recipe.fast_accum)  # (M, N)
     x_keep = x_fp8 if x_fp8_t is None else x_fp8_t.t()  # (M, K)
     w_keep = w_fp8 if w_fp8_t is None else w_fp8_t.t()  # (N, K)
     return out, x_keep, x_scale, w_keep, w_scale

@@ -108,12 +108,15 @@ def _round16(n: int) -> int:
     return (n + 15) // 16 * 16
 
 
-def fp8_mm(a_fp8, a_inv_scale, b_fp8, b_inv_scale, out_dtype, emulate: bool = False) -> torch.Tensor:
+def fp8_mm(a_fp8, a_inv_scale, b_fp8, b_inv_scale, out_dtype, emulate: bool = False,
+           fast_accum: bool = False) -> torch.Tensor:
     """``(a_fp8 * a_inv_scale) @ (b_fp8 * b_inv_scale)`` in ``out_dtype``.
 
     ``a_fp8`` is (M, K), ``b_fp8`` is (K, N); either layout is accepted and made legal for
     ``torch._scaled_mm`` (row-major ``a``, column-major ``b``, K and N padded to multiples of 16).
     ``emulate=True`` (or a device without FP8 GEMMs) takes the bfloat16 emulation path.
+    ``fast_accum=True`` lets Hopper's FP8 tensor cores accumulate without the periodic promotion to
+    float32 (``use_fast_accum``: faster, fewer accumulator bits over long K); other devices ignore it.
     """
     m, k = a_fp8.shape
     n = b_fp8.shape[1]
@@ -135,5 +138,6 @@ def fp8_mm(a_fp8, a_inv_scale, b_fp8, b_inv_scale, out_dtype, emulate: bool = Fa
     a_inv_scale = a_inv_scale.reshape(()).float()
     b_inv_scale = b_inv_scale.reshape(()).float()
     check_scaled_mm_args(a, b, a_inv_scale, b_inv_scale, out_dtype)
-    out = torch._scaled_mm(a, b, scale_a=a_inv_scale, scale_b=b_inv_scale, out_dtype=out_dtype)
+    out = torch._scaled_mm(a, b, scale_a=a_inv_scale, scale_b=b_inv_scale, out_dtype=out_dtype,
+                           use_fast_accum=fast_accum and a.is_cuda)
     return out[:, :n] if n16 != n else out

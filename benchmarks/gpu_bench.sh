@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Issue 5 GPU record (the lent H100), from the repo root: `bash benchmarks/gpu_bench.sh [BUDGET_S]`.
-# GPU tests of the Triton casts, the cast micro-benchmark, then `fp8lm bench` (table printed last).
+# Issue 5 GPU record (the lent H100), from the repo root: `bash benchmarks/gpu_bench.sh [BUDGET_S] [LIMIT_S]`.
+# 1. GPU tests: Triton casts and fused AdamW step against their plain-torch twins, FP8 GEMM numerics
+#    (fast accumulation included); 2. the optimizer-step micro-benchmark; 3. `fp8lm bench`, compiled,
+#    with the fused optimizer step; 4. O1 again with fast accumulation (table printed last each time).
 # torchao is optional: wheels in .whl/ (carried to the device) are installed to /tmp/site if present.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -13,13 +15,14 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-echo "== GPU tests (Triton casts vs their twin)"
-timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_cast.py 2>&1 | tail -4
-echo "== cast bench"
-timeout 60 python3 benchmarks/cast_bench.py 2>/dev/null | tee "$OUT/cast.txt"
-echo "== fp8lm bench"
-timeout "${2:-250}" python3 -m fp8lm bench --compile both --time-budget "${1:-150}" --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
-# a run stopped by its time limit still wrote its JSON after every configuration: print what it has
-[ -f "$OUT/bench.txt" ] && grep -q "^Step level" "$OUT/bench.txt" || python3 -c "
-import json, sys; from fp8lm.bench import format_tables
-print(format_tables(json.load(open(sys.argv[1]))))" "$OUT/bench.json"
+echo "== GPU tests (Triton kernels vs their twins, FP8 GEMM numerics)"
+timeout 180 python3 -m pytest -q -rA -p no:cacheprovider tests/test_cast.py tests/test_fused_adam.py tests/test_gpu.py 2>&1 \
+  | tee "$OUT/gpu_tests.log" | grep -E "fast_accum relative error|FAILED|ERROR|passed|failed"
+echo "== optimizer step (benchmarks/optim_bench.py)"
+timeout 120 python3 benchmarks/optim_bench.py 2>&1 | tee "$OUT/optim.txt" | tail -12
+echo "== fp8lm bench --compile on --fused-optimizer"
+timeout "${2:-300}" python3 -m fp8lm bench --compile on --fused-optimizer --time-budget "${1:-200}" \
+  --out "$OUT/bench.json" 2>&1 | grep -v "^W[0-9]" | tee "$OUT/bench.txt" | tail -25
+echo "== O1 with fast accumulation"
+timeout 150 python3 -m fp8lm bench --compile on --fused-optimizer --fast-accum --skip-gemm --levels O0,O1 --no-torchao \
+  --out "$OUT/bench_fast_accum.json" 2>&1 | grep -v "^W[0-9]" | tail -8

@@ -81,6 +81,7 @@ class BenchConfig:
     levels: tuple | None = None  # default: BENCH_LEVELS
     recipe: str = "current"
     fast_accum: bool = False  # the FP8 forward GEMM with Hopper's fast accumulation (Recipe.fast_accum)
+    fused_optimizer: bool = False  # fp8lm AdamW's fused Triton step at O1/O2 (AdamW(fused=True))
     batch_size: int | None = None
     seq_len: int | None = None
     steps: int | None = None  # timed steps per configuration
@@ -125,6 +126,7 @@ def resolve(cfg: BenchConfig) -> BenchConfig:
     preset = cfg.preset or ("llama-0.75b" if cuda else "tiny")
     return BenchConfig(
         device=device, preset=preset, levels=levels, recipe=cfg.recipe, fast_accum=bool(cfg.fast_accum),
+        fused_optimizer=bool(cfg.fused_optimizer),
         batch_size=cfg.batch_size or (8 if cuda else 4),
         seq_len=cfg.seq_len or (PRESETS[preset].seq_len if cuda else 64),
         steps=cfg.steps or (10 if cuda else 2), warmup=cfg.warmup if cfg.warmup is not None else (3 if cuda else 1),
@@ -369,7 +371,9 @@ def _build(cfg: BenchConfig, variant: str):
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), fused=cfg.device.startswith("cuda"))
     level = "O0" if variant == "torchao" else variant
-    return fp8lm.initialize(model, optimizer, level=level, recipe=_recipe(cfg), verbose=False)
+    options = {"fused": True} if cfg.fused_optimizer and level in ("O1", "O2") else None
+    return fp8lm.initialize(model, optimizer, level=level, recipe=_recipe(cfg), verbose=False,
+                            optimizer_options=options)
 
 
 def _step_fn(model, optimizer, x, y, marks: list | None):
@@ -580,7 +584,8 @@ def format_tables(result: dict) -> str:
     cfg = meta.get("config", {})
     if cfg:
         lines.append(f"FP8 recipe: {cfg.get('recipe')}, forward GEMM fast accumulation "
-                     f"{'on' if cfg.get('fast_accum') else 'off'}")
+                     f"{'on' if cfg.get('fast_accum') else 'off'}, fp8lm AdamW step "
+                     f"{'fused (Triton)' if cfg.get('fused_optimizer') else 'unfused'} at O1/O2")
     if not str(meta["device"]).startswith("cuda"):
         lines.append("CPU smoke run: these times measure emulation and software BF16, not FP8 speed")
     if result["gemm"]:

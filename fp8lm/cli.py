@@ -160,6 +160,8 @@ def add_bench(sub) -> None:
     b.add_argument("--no-torchao", action="store_true", help="skip the torchao columns even if torchao is importable")
     b.add_argument("--fast-accum", action="store_true",
                    help="FP8 forward GEMMs with Hopper's fast accumulation (fp8lm.Recipe.fast_accum)")
+    b.add_argument("--fused-optimizer", action="store_true",
+                   help="O1/O2 with fp8lm AdamW's fused Triton step (AdamW(fused=True); CUDA only)")
     b.add_argument("--skip-gemm", action="store_true", help="only the step level")
     b.add_argument("--skip-step", action="store_true", help="only the GEMM level")
     b.add_argument("--time-budget", type=positive_float, help="seconds; configurations not started by then are skipped")
@@ -212,7 +214,7 @@ def run(args: argparse.Namespace) -> None:
         from fp8lm.bench import BenchConfig, run_bench
         run_bench(BenchConfig(
             device=args.device, preset=args.preset, levels=args.levels, recipe=args.recipe,
-            fast_accum=args.fast_accum,
+            fast_accum=args.fast_accum, fused_optimizer=args.fused_optimizer,
             batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps, warmup=args.warmup,
             gemm_repeats=args.gemm_repeats, compile=args.compile, torchao=not args.no_torchao,
             gemm=not args.skip_gemm, step=not args.skip_step, time_budget_s=args.time_budget, out=args.out,

@@ -27,14 +27,16 @@ def one_thread():
 
 def test_bench_cpu_smoke_writes_json(tmp_path, capsys, one_thread):
     out = tmp_path / "bench.json"
-    assert main([*SMOKE, "--out", str(out)]) == 0
+    assert main([*SMOKE, "--fast-accum", "--out", str(out)]) == 0  # (fast accumulation: CUDA only, a no-op here)
     printed = capsys.readouterr().out
     assert "GEMM level" in printed and "Step level" in printed
+    assert "forward GEMM fast accumulation on, fp8lm AdamW step unfused" in printed
     result = json.loads(out.read_text())
     assert set(result) == {"meta", "gemm", "step"}
     meta = result["meta"]
     assert meta["device"] == "cpu" and meta["timer"] == "wall clock" and meta["peak_tflops"] is None
     assert meta["command"].startswith("fp8lm bench") and meta["config"]["preset"] == "tiny"
+    assert meta["config"]["fast_accum"] is True and meta["config"]["fused_optimizer"] is False
 
     assert len(result["gemm"]) == 2
     for row in result["gemm"]:

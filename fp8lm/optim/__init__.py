@@ -3,5 +3,6 @@
 See ``fp8lm/optim/adam.py`` for the numerics of the FP8 state.
 """
 from fp8lm.optim.adam import AdamW
+from fp8lm.optim.fused import fused_step_enabled, set_fused_step
 
-__all__ = ["AdamW"]
+__all__ = ["AdamW", "set_fused_step", "fused_step_enabled"]

@@ -88,6 +88,18 @@ decoded to FP32 with ``p.dequantize()``, updated in FP32, and written back with
 updates below half an FP16 ulp survive in expectation); plain parameters are updated in
 place. ScaledTensor gradients are read from their ``_data`` / ``_scale`` chunk by chunk.
 
+Fused step: on CUDA (with Triton) each parameter's step runs as one or two Triton kernels
+(``fp8lm.optim.fused``: pass 1 reduces the amaxes the new scales need, pass 2 recomputes,
+encodes and stores) instead of 15-40 torch ops; the plain-torch code below is its reference (the
+twin) and the CPU path. ``fused=None`` (default) takes it, once ``fp8lm.optim.set_fused_step(True)``
+switches it on (off until the kernels have run on a GPU against their twin and been measured
+faster there), wherever it applies: a CUDA parameter
+(FP32, or an FP16 ``ScaledTensor`` master), state "fp32", or state "fp8" with the default
+m_scaling="normalized", v_storage="sqrt"; ``fused=True`` requires it, ``fused=False`` never
+takes it. Same state (keys, dtypes, scales), same formulas and scales; stochastic rounding draws
+from Philox seeded per parameter and step from the CPU generator instead of torch's generator,
+so the two paths resume each other's ``state_dict()`` but their random bits differ.
+
 Memory: state tensors are plain tensors in ``self.state[p]`` (``exp_avg``, ``exp_avg_scale``,
 ``exp_avg_sq``, ``exp_avg_sq_scale``, ``step``), so ``state_dict()`` holds the stored bytes;
 ``exp_avg_sq`` holds sqrt(v) and ``exp_avg`` holds q = m / sqrt(v) under the defaults
@@ -107,6 +119,7 @@ import torch
 from fp8lm import formats
 from fp8lm.formats import E4M3, Format
 
+from fp8lm.optim import fused as _fused
 from fp8lm.tensor import is_scaled, round_stochastic
 
 __all__ = ["AdamW", "FP16", "STATES", "M_SCALINGS", "V_STORAGES", "ROUNDINGS"]
@@ -223,7 +236,12 @@ class AdamW(torch.optim.Optimizer):
         block_size: elements per scale for ``m_scaling="block"``.
         chunk_size: elements processed at a time by the FP8 step (bounds its temporaries).
         generator_seed: seed of the stochastic-rounding generators; default ``torch.initial_seed()``.
-        foreach, fused: accepted for compatibility and ignored.
+        fused: None (default) runs the fused Triton step (``fp8lm.optim.fused``), when
+            ``fp8lm.optim.set_fused_step(True)`` has switched it on (off by default: not yet run on a GPU),
+            for every parameter it supports (on CUDA, Triton importable, FP32 state or FP8 state with m_scaling="normalized",
+            v_storage="sqrt") and the plain-torch step for the others; True requires it (ValueError
+            naming what is missing otherwise); False always takes the plain-torch step.
+        foreach: accepted for compatibility and ignored.
     See the module docstring for the numerics.
     """
 
@@ -232,7 +250,10 @@ class AdamW(torch.optim.Optimizer):
                  m_scaling: str = "normalized", v_storage: str = "sqrt", rounding: str = "stochastic",
                  master_rounding: str = "stochastic", block_size: int = 128, chunk_size: int = 1 << 22, generator_seed: int | None = None,
                  foreach=None, fused=None):
-        del foreach, fused  # one code path; kept so torch-style call sites keep working
+        del foreach  # kept so torch-style call sites keep working
+        if fused not in (None, True, False):
+            raise ValueError(f"fused must be None (automatic), True or False, got {fused!r}")
+        self._fused = fused
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, decoupled=decoupled,
                         state=state, m_scaling=m_scaling, v_storage=v_storage, rounding=rounding,
                         master_rounding=master_rounding, block_size=block_size, chunk_size=chunk_size)
@@ -259,7 +280,7 @@ class AdamW(torch.optim.Optimizer):
         """An fp8lm AdamW with ``optimizer``'s groups and hyper-parameters (a fresh torch Adam/AdamW).
 
         ``param_map`` ({old_param: new_param}) replaces parameters; parameters not in it are
-        kept. ``options`` (m_scaling, v_storage, rounding, master_rounding, block_size, generator_seed) pass
+        kept. ``options`` (m_scaling, v_storage, rounding, master_rounding, block_size, generator_seed, fused) pass
         through. Refuses other optimizer classes, optimizers that have already stepped, and
         the torch flags this optimizer does not implement (amsgrad, maximize, differentiable,
         capturable); foreach and fused are ignored.
@@ -346,6 +367,7 @@ class AdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One optimizer step over every parameter with a gradient; returns the closure's loss."""
+        self._scratch_pool = {}  # the fused step's per-parameter amax buffers, zeroed once per step
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -357,13 +379,52 @@ class AdamW(torch.optim.Optimizer):
         return loss
 
     def _step_param(self, p: torch.Tensor, group: dict) -> None:
-        """Step one parameter that has a gradient (the FP32 or the FP8 path of its group)."""
+        """Step one parameter that has a gradient: the fused Triton step, else the FP32 or FP8 plain path."""
         if p.grad.is_sparse:
             raise ValueError("fp8lm.optim.AdamW does not support sparse gradients")
-        if group["state"] == "fp32":
+        if self._use_fused(p, group):
+            self._step_fused(p, group)
+        elif group["state"] == "fp32":
             self._step_fp32(p, group)
         else:
             self._step_fp8(p, group)
+
+    def _use_fused(self, p: torch.Tensor, group: dict) -> bool:
+        """Whether ``p`` takes the fused Triton step (the ``fused`` argument; ValueError if required but impossible)."""
+        fused = getattr(self, "_fused", None)
+        if fused is False:
+            return False
+        reason = _fused.unsupported_reason(p, group, self.state.get(p))
+        if fused is True and reason is not None:
+            raise ValueError(f"fused=True but the fused optimizer step cannot run: {reason}")
+        return reason is None and (fused is True or (p.is_cuda and _fused.fused_step_enabled()))
+
+    def _scratch(self, device: torch.device) -> torch.Tensor:
+        """A zeroed float32 device buffer of ``SCRATCH_SLOTS`` for one parameter's fused step (one
+        allocation serves 256 parameters)."""
+        pool = self.__dict__.setdefault("_scratch_pool", {})
+        buf, used = pool.get(device, (None, 0))
+        slots = _fused.SCRATCH_SLOTS
+        if buf is None or used == buf.numel():
+            buf, used = torch.zeros(256 * slots, dtype=torch.float32, device=device), 0
+        pool[device] = (buf, used + slots)
+        return buf[used: used + slots]
+
+    def _step_fused(self, p: torch.Tensor, group: dict) -> None:
+        """The fused Triton step (``fp8lm.optim.fused``): the same state, the twin's numerics, two passes."""
+        state = self.state[p]
+        if not state:
+            if group["state"] == "fp32":
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            else:
+                self._init_fp8_state(p, group)
+        scalars = self._begin(p, group)
+        bounds = _update_bound(scalars[1], scalars[2], scalars[5]) if group["state"] == "fp8" else None
+        # one Philox seed per parameter and step, from the CPU generator (saved in state_dict())
+        seed = int(torch.randint(0, 2**31 - 1, (), generator=self.generator_for("cpu")))
+        _fused.fused_step(p, state, group, scalars, seed, self._scratch(p.device), bounds)
 
     def _grad_hp(self, p: torch.Tensor) -> torch.Tensor:
         """The gradient as a plain tensor (dequantized when it is a ScaledTensor)."""

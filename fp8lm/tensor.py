@@ -276,7 +276,7 @@ def _homogeneous(func, args, kwargs) -> bool:
     """A p-norm with p != 0 scales with |x| (``||x / s|| = ||x|| / |s|``); float32 results only."""
     p = args[1] if len(args) > 1 else kwargs.get("ord", 2)
     dtype = kwargs.get("dtype")
-    extra = args[2:] if func is aten._foreach_norm.Scalar else args[2:] + tuple(kwargs.get(k) for k in ("dim",))
+    extra = (*args[2:], kwargs.get("dim"), kwargs.get("keepdim"))  # a dim or keepdim: the generic path
     return float(p) != 0.0 and dtype in (None, torch.float32) and not any(e for e in extra if e is not None)
 
 
@@ -285,8 +285,7 @@ def _scaled_norm(t, p):
     no float32 copy of it (``clip_grad_norm_`` over FP8 gradients: one bfloat16 read instead of a
     float32 write and read)."""
     if not isinstance(t, ScaledTensor):
-        return torch.linalg.vector_norm(t, p, dtype=torch.float32) if t.is_floating_point() else \
-            torch.linalg.vector_norm(t.float(), p)
+        return torch.linalg.vector_norm(t, p)
     data = t._data.to(torch.bfloat16) if t._data.dtype in _FP8 else t._data  # bfloat16 holds FP8 exactly
     return torch.linalg.vector_norm(data, p, dtype=torch.float32) / t._scale.abs()
 

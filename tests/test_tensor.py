@@ -328,6 +328,8 @@ def test_norms_read_narrow_data(seed, data_dtype):
         got = torch.linalg.vector_norm(t, p)
         assert got.dtype == torch.float32 and float(abs(got.double() - want) / want) < 1e-5, p  # float32 sums
     assert float(torch.linalg.vector_norm(t, 0)) == float((ref != 0).sum())  # p = 0 is not homogeneous
+    assert torch.linalg.vector_norm(t, 2, keepdim=True).shape == (1, 1)  # keepdim / dim: the generic path
+    assert torch.allclose(torch.linalg.vector_norm(t, 2, dim=1).double(), torch.linalg.vector_norm(ref, 2, dim=1))
     plain = torch.randn(5, generator=gen)
     norms = torch._foreach_norm([t, plain])
     assert float(abs(norms[0].double() - torch.linalg.vector_norm(ref)) / torch.linalg.vector_norm(ref)) < 1e-6

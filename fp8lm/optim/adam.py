@@ -415,9 +415,7 @@ class AdamW(torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             if group["state"] == "fp32":
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-                state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                self._init_fp32_state(p)
             else:
                 self._init_fp8_state(p, group)
         scalars = self._begin(p, group)
@@ -451,10 +449,7 @@ class AdamW(torch.optim.Optimizer):
         state = self.state[p]
         scaled = is_scaled(p)
         if not state:
-            like = torch.zeros(p.shape, dtype=torch.float32, device=p.device) if scaled else p
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(like, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
+            self._init_fp32_state(p)
         lr, beta1, beta2, eps, wd, step = self._begin(p, group)
         w = p.dequantize() if scaled else p
         grad = self._grad_hp(p)
@@ -472,6 +467,14 @@ class AdamW(torch.optim.Optimizer):
         w.addcdiv_(exp_avg, denom, value=-step_size)
         if scaled:
             self._write_back(p, w, group)
+
+    def _init_fp32_state(self, p: torch.Tensor) -> None:
+        """Zero FP32 m and v shaped like ``p`` (its layout for plain parameters, as torch)."""
+        state = self.state[p]
+        like = torch.zeros(p.shape, dtype=torch.float32, device=p.device) if is_scaled(p) else p
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["exp_avg"] = torch.zeros_like(like, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
 
     def _init_fp8_state(self, p: torch.Tensor, group: dict) -> None:
         """Zero FP8 m and FP16 v with unit scales (one scale per block for m_scaling="block")."""

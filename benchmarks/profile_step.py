@@ -1,6 +1,7 @@
 """Where a step's GPU time goes (a GPU debugging aid): torch.profiler over compiled llama-0.75b steps.
 
-Usage: python benchmarks/profile_step.py [LEVEL ...]   (default O1). Prints, per level, the median
+Usage: python benchmarks/profile_step.py [LEVEL ...] [--recipe=NAME]   (default O1, recipe current).
+Prints, per level, the median
 time of each phase (forward+backward, clip_grad_norm_, optimizer.step, zero_grad; CUDA events) and
 the top CUDA kernels of two profiled steps.
 """
@@ -36,10 +37,11 @@ def phases(model, optimizer, x, y, steps: int = 5) -> dict:
 
 
 def main() -> None:
-    levels = sys.argv[1:] or ["O1"]
+    recipe = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--recipe=")), "current")
+    levels = [a for a in sys.argv[1:] if not a.startswith("--")] or ["O1"]
     for level in levels:
         torch._dynamo.reset()
-        cfg = BenchConfig(device="cuda", preset="llama-0.75b", batch_size=8, seq_len=2048)
+        cfg = BenchConfig(device="cuda", preset="llama-0.75b", batch_size=8, seq_len=2048, recipe=recipe)
         model, optimizer = _build(cfg, level)
         for block in model.layers:
             block.compile()

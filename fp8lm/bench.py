@@ -81,7 +81,7 @@ class BenchConfig:
     levels: tuple | None = None  # default: BENCH_LEVELS
     recipe: str = "current"
     fast_accum: bool = False  # the FP8 forward GEMM with Hopper's fast accumulation (Recipe.fast_accum)
-    fused_optimizer: bool = False  # fp8lm AdamW's fused Triton step at O1/O2 (AdamW(fused=True))
+    fused_optimizer: bool = False  # force fp8lm AdamW's fused Triton step at O1/O2 (the CUDA default anyway)
     batch_size: int | None = None
     seq_len: int | None = None
     steps: int | None = None  # timed steps per configuration
@@ -97,6 +97,13 @@ class BenchConfig:
     out: str | None = None
     progress: bool = True
     command: str = ""
+
+
+def _fused_step_by_default(device: str) -> bool:
+    """Whether fp8lm's AdamW takes its fused Triton step on ``device`` without ``fused=True``."""
+    from fp8lm.ops.cast import triton_available
+    from fp8lm.optim import fused_step_enabled
+    return device.startswith("cuda") and fused_step_enabled() and triton_available(device)
 
 
 def resolve(cfg: BenchConfig) -> BenchConfig:
@@ -126,7 +133,7 @@ def resolve(cfg: BenchConfig) -> BenchConfig:
     preset = cfg.preset or ("llama-0.75b" if cuda else "tiny")
     return BenchConfig(
         device=device, preset=preset, levels=levels, recipe=cfg.recipe, fast_accum=bool(cfg.fast_accum),
-        fused_optimizer=bool(cfg.fused_optimizer),
+        fused_optimizer=bool(cfg.fused_optimizer) or _fused_step_by_default(device),
         batch_size=cfg.batch_size or (8 if cuda else 4),
         seq_len=cfg.seq_len or (PRESETS[preset].seq_len if cuda else 64),
         steps=cfg.steps or (10 if cuda else 2), warmup=cfg.warmup if cfg.warmup is not None else (3 if cuda else 1),

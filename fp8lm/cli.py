@@ -161,7 +161,8 @@ def add_bench(sub) -> None:
     b.add_argument("--fast-accum", action="store_true",
                    help="FP8 forward GEMMs with Hopper's fast accumulation (fp8lm.Recipe.fast_accum)")
     b.add_argument("--fused-optimizer", action="store_true",
-                   help="O1/O2 with fp8lm AdamW's fused Triton step (AdamW(fused=True); CUDA only)")
+                   help="O1/O2 with fp8lm AdamW's fused Triton step forced (AdamW(fused=True); CUDA only; "
+                        "CUDA with Triton takes it by default)")
     b.add_argument("--skip-gemm", action="store_true", help="only the step level")
     b.add_argument("--skip-step", action="store_true", help="only the GEMM level")
     b.add_argument("--time-budget", type=positive_float, help="seconds; configurations not started by then are skipped")

@@ -36,7 +36,8 @@ applies that recipe to every layer instead (a "what if"). Per recipe:
 
 What is left as it was: the step runs with ``torch.autograd.grad`` on the parameters, so no
 ``.grad`` is written and no gradient-accumulation hook (DDP, optimizer hooks) fires; every
-buffer (delayed amax histories, last scales, norm statistics) is restored afterwards; the RNG
+buffer (delayed amax histories, last scales, norm statistics) and the delayed-scaling flag
+``fp8_history_ready`` are restored afterwards; the RNG
 is forked; every hook is removed, also on errors. The hooks only read tensors: the input tap
 is an identity autograd function, so the step's numbers are those of a training step.
 Grad-weight is the parameter's total gradient (summed over calls if a weight is shared).
@@ -446,6 +447,7 @@ def inspect(model: nn.Module, batch, *, recipe: str | Recipe | None = None,
         raise ValueError("the model has no nn.Linear layer (or subclass) to inspect")
     params = [p for p in model.parameters() if p.requires_grad]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    ready_flags = [(m, m.fp8_history_ready) for m in model.modules() if hasattr(m, "fp8_history_ready")]
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     recorder = _Recorder(model, forced)
     try:
@@ -464,6 +466,8 @@ def inspect(model: nn.Module, batch, *, recipe: str | Recipe | None = None,
         with torch.no_grad():
             for buf, saved in buffers:
                 buf.copy_(saved)
+        for module, ready in ready_flags:  # delayed scaling's "history filled" flag (Float8Linear)
+            module.fp8_history_ready = ready
     return InspectReport(float(loss.detach().float()), None if forced is None else forced.scaling,
                          recorder.layers, recorder.modules)
 

@@ -7,9 +7,11 @@ how each gets its scale (see ``formats.py`` for the cast itself):
 * ``current``: ``scale = fmt.max / amax(tensor)`` from the tensor being cast (one extra read).
 * ``delayed`` (FP8-LM, Transformer Engine): ``scale = fmt.max / max(amax history)`` over the last
   ``history_len`` steps (16 by default, as in FP8-LM); this step's amax is appended after the cast,
-  so a cast never waits for its own amax once kernels fuse the two. Fallback rule: while the
-  history is empty (the first step) the current amax is used; a non-finite amax clears the
-  history, so the next step falls back to current scaling again. A tensor that suddenly grows
+  so a cast never waits for its own amax. Fallback rule: while the history is empty (before the
+  layer's first training forward) the current amax is used; from then on only the history (in
+  ``Float8Linear``: a Python flag, ``fp8_history_ready``, so that compiled code has no data-
+  dependent choice and Inductor can fuse the cast into the kernel producing the tensor). A
+  non-finite amax is not pushed: the history keeps its finite entries. A tensor that suddenly grows
   saturates (clamps to ``fmt.max``, never inf) for one step; one that shrinks keeps a too-small
   scale for at most ``history_len`` steps.
 * ``static`` (unit scaling, arXiv 2303.11257): ``scale = 1`` always; no amax is computed anywhere.
@@ -121,8 +123,9 @@ def static_scale(device: torch.device) -> torch.Tensor:
 
 
 def update_history(history: torch.Tensor, amax_now: torch.Tensor) -> None:
-    """Push ``amax_now`` into the rolling ``history`` in place; a non-finite amax clears it."""
+    """Push ``amax_now`` into the rolling ``history`` in place; a non-finite amax is not pushed
+    (the history keeps its finite entries, so a delayed scale stays finite)."""
     rolled = torch.roll(history, 1)
     rolled[0] = amax_now
     finite = torch.isfinite(amax_now)
-    history.copy_(torch.where(finite, rolled, torch.zeros_like(rolled)))
+    history.copy_(torch.where(finite, rolled, history))

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fp8lm.formats import E4M3, sqnr_db
+from fp8lm.formats import E4M3, E5M2, scale_from_amax, sqnr_db
 from fp8lm.nn import Float8Linear
 from fp8lm.scaling import RECIPES, Recipe, compute_scale, get_recipe, update_history
 
@@ -28,8 +28,10 @@ def test_history_window_and_reset():
         update_history(h, torch.tensor(float(i)))
     assert sorted(h.tolist()) == [float(i) for i in range(5, 21)]  # last 16 only, newest first
     assert h[0] == 20.0
-    update_history(h, torch.tensor(float("inf")))
-    assert (h == 0).all()  # a non-finite amax clears the history
+    before = h.clone()
+    for bad in (float("inf"), float("nan")):
+        update_history(h, torch.tensor(bad))
+        assert torch.equal(h, before)  # a non-finite amax is not pushed
 
 
 def test_delayed_falls_back_to_current_when_history_empty():
@@ -59,6 +61,23 @@ def test_delayed_tracks_a_1000x_jump_and_drop(seed):
     # after the drop the stale 1000x amax shrinks the scale for at most 16 steps, without flushing
     assert min(quality[30:46]) >= 10.0
     assert min(quality[47:]) >= 25.0
+
+
+def test_delayed_scale_does_not_wait_for_current_amax(seed):
+    """After the first training forward every delayed scale comes from the history alone (the cast
+    need not wait for its own amax): a 1000x larger step-2 input and gradient are cast with step 1's
+    scales (they saturate), and their amaxes are pushed into the history after the cast."""
+    layer = Float8Linear.from_linear(nn.Linear(32, 16), Recipe(scaling="delayed"))
+    assert not layer.fp8_history_ready
+    x1, g1 = torch.randn(8, 32), torch.randn(8, 16)
+    layer(x1.requires_grad_()).backward(g1)
+    assert layer.fp8_history_ready
+    assert torch.equal(layer.fp8_last_scale[0], scale_from_amax(x1.abs().max(), E4M3))  # step 1: current
+    x2, g2 = torch.randn(8, 32) * 1000, torch.randn(8, 16) * 1000
+    layer(x2.requires_grad_()).backward(g2)
+    assert torch.equal(layer.fp8_last_scale[0], scale_from_amax(x1.abs().max(), E4M3))
+    assert torch.equal(layer.fp8_last_scale[2], scale_from_amax(g1.abs().max(), E5M2))
+    assert layer.fp8_amax_history[0, 0] == x2.abs().max() and layer.fp8_amax_history[2, 0] == g2.abs().max()
 
 
 def test_history_respects_window_in_layer():

@@ -66,7 +66,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fp8lm.formats import FORMATS, Format, amax, quantize
+from fp8lm.formats import FORMATS, Format, amax, quantize, scale_from_amax
 from fp8lm.ops.cast import fused_amax, fused_cast, triton_available
 from fp8lm.ops.gemm import fp8_mm
 from fp8lm.scaling import Recipe, compute_scale, static_scale, update_history
@@ -78,7 +78,8 @@ _X, _W, _G = 0, 1, 2  # rows of the scaling-state buffers
 MASTERS = ("fp32", "fp16")
 WGRAD_FORMATS = tuple(FORMATS)
 DEFAULT_WGRAD_FORMAT = "e4m3"  # storage of FP8 weight gradients (module docstring: measured)
-_FUSED = {"cast": False}  # Triton amax/cast/transpose in eager CUDA runs: off until measured faster (set_fused_cast)
+_FUSED = {"cast": False,  # Triton amax/cast/transpose in eager CUDA runs: off until measured faster (set_fused_cast)
+          "compiled_transpose": True}  # compiled: transposed FP8 copies made next to their cast (_cast_pair)
 
 
 def set_fused_cast(enabled: bool) -> bool:
@@ -161,6 +162,7 @@ class Float8Linear(nn.Linear):
 
     def _init_fp8(self, recipe: Recipe) -> None:
         self.recipe = recipe
+        self.fp8_history_ready = False  # delayed: set by the first training forward (see fp8_scale)
         dev = self.weight.device
         self.register_buffer("fp8_amax_history", torch.zeros(3, recipe.history_len, device=dev), persistent=False)
         self.register_buffer("fp8_last_scale", torch.ones(3, device=dev), persistent=False)
@@ -170,15 +172,28 @@ class Float8Linear(nn.Linear):
         extra = f", master=fp16, wgrad={self.wgrad_format}" if self.master == "fp16" else ""
         return f"{super().extra_repr()}, fp8={r.scaling}:{r.fwd_format}/{r.grad_format}{extra}"
 
-    def fp8_scale(self, row: int, t: torch.Tensor, fmt: Format, update: bool, recompute: bool) -> torch.Tensor:
-        """The scale for casting ``t`` (state row ``row``), updating the state when ``update``."""
+    def fp8_scale(self, row: int, t: torch.Tensor, fmt: Format, update: bool, recompute: bool,
+                  ready: bool = False) -> torch.Tensor:
+        """The scale for casting ``t`` (state row ``row``), updating the state when ``update``.
+
+        ``ready`` (delayed scaling after the first training forward): the scale comes from the
+        history alone, so the cast does not wait for ``t``'s amax (under ``torch.compile`` it can be
+        fused into the kernel that produces ``t``); ``t``'s amax only feeds the history.
+        """
         if self.recipe.scaling == "static":
             return static_scale(t.device)  # no amax: the model is unit-scaled by construction
         delayed = self.recipe.scaling == "delayed"
         if recompute and delayed:
             return self.fp8_last_scale[row].clone()
-        amax_now = _amax(t)
         history = self.fp8_amax_history[row] if delayed else None
+        if delayed and ready:
+            r = self.recipe
+            scale = scale_from_amax(history.amax(), fmt, r.margin, r.pow2_scales)
+            if update:
+                update_history(history, _amax(t))
+                self.fp8_last_scale[row].copy_(scale)
+            return scale
+        amax_now = _amax(t)
         scale = compute_scale(amax_now, history, fmt, self.recipe)
         if update:
             if delayed:
@@ -196,14 +211,19 @@ class Float8Linear(nn.Linear):
         # Dtypes are explicit below; autocast must not re-cast the scaling math or the GEMM
         # (on CPUs it would turn _scaled_mm's internal matmul into a slow BF16 one).
         with torch.autocast(x.device.type, enabled=False):
+            ready = self.fp8_history_ready and self.recipe.scaling == "delayed"
             if not needs_grad:
                 out, *_ = _fp8_forward(self, x.reshape(-1, x.shape[-1]), self.weight, False, False, out_dtype,
-                                       save=False)
+                                       ready, save=False)
                 out = out if self.bias is None else out + self.bias.to(out_dtype)
                 return out.reshape(*x.shape[:-1], self.out_features)
             recompute = _in_backward()
             update = self.training and not recompute
-            return _Float8LinearFn.apply(x, self.weight, self.bias, self, out_dtype, update, recompute)
+            if update:
+                # Later forwards find the x and w histories filled, and the grad_out history filled by
+                # this forward's backward (a Python flag: compiled code recompiles once when it flips).
+                self.fp8_history_ready = True
+            return _Float8LinearFn.apply(x, self.weight, self.bias, self, out_dtype, update, recompute, ready)
 
 
 def _amax(t: torch.Tensor) -> torch.Tensor:
@@ -222,10 +242,14 @@ def _cast_pair(t: torch.Tensor, fmt: Format, scale: torch.Tensor, transpose: boo
     if _fused(t_hp):
         t_fp8, t_fp8_t, _ = fused_cast(t_hp, fmt, scale, transpose=transpose)
         return t_fp8, t_fp8_t
-    return quantize(t_hp, fmt, scale), None
+    t_fp8 = quantize(t_hp, fmt, scale)
+    if transpose and _FUSED["compiled_transpose"] and torch.compiler.is_compiling():
+        return t_fp8, t_fp8.t().contiguous()  # Inductor writes it from the cast's kernel, not from memory later
+    return t_fp8, None
 
 
-def _fp8_forward(layer: Float8Linear, x2d, w_hp, update: bool, recompute: bool, out_dtype, save: bool = True):
+def _fp8_forward(layer: Float8Linear, x2d, w_hp, update: bool, recompute: bool, out_dtype, ready: bool = False,
+                 save: bool = True):
     """Quantize input and weight, run ``x @ w.T`` in FP8; return the output and what backward needs.
 
     What backward needs is ``x_fp8`` (M, K) and ``w_fp8`` (N, K), or on the fused path their
@@ -233,12 +257,12 @@ def _fp8_forward(layer: Float8Linear, x2d, w_hp, update: bool, recompute: bool, 
     read without another copy). ``save=False`` (no backward will run) skips the transposed copies.
     """
     fmt = layer.recipe.fwd
-    x_scale = layer.fp8_scale(_X, x2d, fmt, update, recompute)
+    x_scale = layer.fp8_scale(_X, x2d, fmt, update, recompute, ready)
     x_fp8, x_fp8_t = _cast_pair(x2d, fmt, x_scale, save)  # (M, K), (K, M) or None
     if isinstance(w_hp, ScaledTensor) and w_hp._data.dtype == fmt.dtype:  # arrived in FP8 (O3 all-gather)
         w_scale, w_fp8, w_fp8_t = w_hp._scale, w_hp._data, None
     else:
-        w_scale = layer.fp8_scale(_W, w_hp, fmt, update, recompute)
+        w_scale = layer.fp8_scale(_W, w_hp, fmt, update, recompute, ready)
         w_fp8, w_fp8_t = _cast_pair(w_hp, fmt, w_scale, save)  # (N, K), (K, N) or None
     out = fp8_mm(x_fp8, x_scale.reciprocal(), w_fp8.t(), w_scale.reciprocal(), out_dtype,
                  emulate=layer.recipe.emulate, fast_accum=layer.recipe.fast_accum)  # (M, N)
@@ -249,13 +273,13 @@ def _fp8_forward(layer: Float8Linear, x2d, w_hp, update: bool, recompute: bool, 
 
 class _Float8LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_hp, w_hp, bias, layer, out_dtype, update, recompute):
+    def forward(ctx, x_hp, w_hp, bias, layer, out_dtype, update, recompute, ready):
         x2d = x_hp.reshape(-1, x_hp.shape[-1])  # (M, K)
-        out, x_fp8, x_scale, w_fp8, w_scale = _fp8_forward(layer, x2d, w_hp, update, recompute, out_dtype)
+        out, x_fp8, x_scale, w_fp8, w_scale = _fp8_forward(layer, x2d, w_hp, update, recompute, out_dtype, ready)
         if bias is not None:
             out = out + bias.to(out_dtype)
         ctx.save_for_backward(x_fp8, x_scale, w_fp8, w_scale)
-        ctx.layer, ctx.update, ctx.scaled_w = layer, update, isinstance(w_hp, ScaledTensor)
+        ctx.layer, ctx.update, ctx.ready, ctx.scaled_w = layer, update, ready, isinstance(w_hp, ScaledTensor)
         ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x_hp.shape, x_hp.dtype, w_hp.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out.reshape(*x_hp.shape[:-1], out.shape[-1])
@@ -266,7 +290,7 @@ class _Float8LinearFn(torch.autograd.Function):
         layer = ctx.layer
         g2d = grad_out.reshape(-1, grad_out.shape[-1])  # (M, N)
         fmt = layer.recipe.grad
-        g_scale = layer.fp8_scale(_G, g2d, fmt, ctx.update, False)
+        g_scale = layer.fp8_scale(_G, g2d, fmt, ctx.update, False, ctx.ready)
         g_fp8, g_fp8_t = _cast_pair(g2d, fmt, g_scale)  # (M, N), (N, M) or None
         g_inv, emulate = g_scale.reciprocal(), layer.recipe.emulate
         grad_x = grad_w = grad_b = None
@@ -280,4 +304,4 @@ class _Float8LinearFn(torch.autograd.Function):
                 grad_w = ScaledTensor.from_hp(grad_w, FORMATS[layer.wgrad_format].dtype)
         if ctx.needs_input_grad[2]:
             grad_b = g2d.float().sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None

@@ -159,11 +159,17 @@ def fused_cast(x_hp: torch.Tensor, fmt: Format | str, scale: torch.Tensor, trans
         return cast_reference(x_hp, fmt, scale, transpose, with_amax)
     m, n = x_hp.shape
     grid = _grid(m, n)
+    # Triton 3.6 on the H100 wrote wrong transposed bytes from FLOAT32 tiles whose sizes are multiples
+    # of 16, with either store (``benchmarks/cast_debug.py``; the row-major bytes were right): a float32
+    # input's transpose is a torch copy of the row-major result instead.
+    kernel_t = transpose and x_hp.dtype != torch.float32
     x_fp8 = torch.empty(m, n, dtype=fmt.dtype, device=x_hp.device)
-    x_fp8_t = torch.empty(n, m, dtype=fmt.dtype, device=x_hp.device) if transpose else None
+    x_fp8_t = torch.empty(n, m, dtype=fmt.dtype, device=x_hp.device) if kernel_t else None
     partial = torch.empty(grid, dtype=torch.float32, device=x_hp.device) if with_amax else None
-    _cast_kernel[grid](x_hp, scale.reshape(1).float(), x_fp8, x_fp8_t if transpose else x_fp8,
+    _cast_kernel[grid](x_hp, scale.reshape(1).float(), x_fp8, x_fp8_t if kernel_t else x_fp8,
                        partial if with_amax else x_fp8, m, n, x_hp.stride(0),
-                       FMT_MAX=fmt.max, E4M3=fmt.name == "e4m3", TRANSPOSE=transpose, TRANS_TILE=trans_tile,
+                       FMT_MAX=fmt.max, E4M3=fmt.name == "e4m3", TRANSPOSE=kernel_t, TRANS_TILE=trans_tile,
                        AMAX=with_amax, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N)
+    if transpose and not kernel_t:
+        x_fp8_t = x_fp8.t().contiguous()
     return x_fp8, x_fp8_t, (partial.amax() if with_amax else None)

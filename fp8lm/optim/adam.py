@@ -91,9 +91,9 @@ place. ScaledTensor gradients are read from their ``_data`` / ``_scale`` chunk b
 Fused step: on CUDA (with Triton) each parameter's step runs as one or two Triton kernels
 (``fp8lm.optim.fused``: pass 1 reduces the amaxes the new scales need, pass 2 recomputes,
 encodes and stores) instead of 15-40 torch ops; the plain-torch code below is its reference (the
-twin) and the CPU path. ``fused=None`` (default) takes it, once ``fp8lm.optim.set_fused_step(True)``
-switches it on (off until the kernels have run on a GPU against their twin and been measured
-faster there), wherever it applies: a CUDA parameter
+twin) and the CPU path. ``fused=None`` (default) takes it wherever it applies (``fp8lm.optim.set_fused_step(False)``
+turns that off; it is on since the kernels ran on the H100 against their twin and measured 9-21x
+faster, ``benchmarks/RESULTS.md``): a CUDA parameter
 (FP32, or an FP16 ``ScaledTensor`` master), state "fp32", or state "fp8" with the default
 m_scaling="normalized", v_storage="sqrt"; ``fused=True`` requires it, ``fused=False`` never
 takes it. Same state (keys, dtypes, scales), same formulas and scales; stochastic rounding draws

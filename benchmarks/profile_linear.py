@@ -3,8 +3,7 @@
 Usage: python benchmarks/profile_linear.py [M,K,N ...]   (default 16384,2048,2048 and 8192,8192,8192)
 
 For each shape and variant (BF16 ``nn.Linear``; fp8lm's Float8Linear compiled, as O1 builds it with
-an FP16 master and FP8 weight gradient, the same with the transposed FP8 copies made in backward,
-and with a plain FP32 weight; torchao's tensorwise layer
+an FP16 master and FP8 weight gradient, and with a plain FP32 weight; torchao's tensorwise layer
 compiled, if importable) prints the median fwd+bwd time (CUDA events, 20 repeats after warm-up) and
 the CUDA kernels of 5 profiled calls: calls and microseconds per fwd+bwd, largest first.
 """
@@ -17,7 +16,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from fp8lm.bench import _fp8_layer, _fwd_bwd, _torchao_layer, torchao_version
-from fp8lm.nn import Float8Linear, linear
+from fp8lm.nn import Float8Linear
 from fp8lm.scaling import get_recipe
 
 
@@ -48,21 +47,11 @@ def _kernels(fn, calls=5):
     return sorted(((t, count[n] / calls, n) for n, t in total.items()), reverse=True)
 
 
-def _old_transposes(make):
-    """``make`` with the transposed FP8 copies made in backward from memory (before this change)."""
-    def call():
-        linear._FUSED["compiled_transpose"] = False
-        return make()
-    return call
-
-
 def _variants(k, n):
     recipe = get_recipe("current")
-    o1 = lambda: torch.compile(_fp8_layer(k, n, "cuda", recipe))  # noqa: E731
     out = {
         "bf16": lambda: nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16),
-        "fp8 compiled (O1 layer)": o1,
-        "fp8 compiled (O1 layer, transposes in backward)": _old_transposes(o1),
+        "fp8 compiled (O1 layer)": lambda: torch.compile(_fp8_layer(k, n, "cuda", recipe)),
         "fp8 compiled (fp32 weight)": lambda: torch.compile(
             Float8Linear.from_linear(nn.Linear(k, n, bias=False, device="cuda"), recipe)),
     }
@@ -78,7 +67,6 @@ def main() -> None:
         g_hp = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
         for name, make in _variants(k, n).items():
             torch._dynamo.reset()
-            linear._FUSED["compiled_transpose"] = True
             fn = _fwd_bwd(make(), x_hp, g_hp)
             ms = _median_ms(fn)
             print(f"== {m}x{k}->{n} {name}: {ms:.3f} ms, {6 * m * k * n / ms / 1e9:.0f} TFLOP/s", flush=True)

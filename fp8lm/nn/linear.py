@@ -78,8 +78,7 @@ _X, _W, _G = 0, 1, 2  # rows of the scaling-state buffers
 MASTERS = ("fp32", "fp16")
 WGRAD_FORMATS = tuple(FORMATS)
 DEFAULT_WGRAD_FORMAT = "e4m3"  # storage of FP8 weight gradients (module docstring: measured)
-_FUSED = {"cast": False,  # Triton amax/cast/transpose in eager CUDA runs: off until measured faster (set_fused_cast)
-          "compiled_transpose": True}  # compiled: transposed FP8 copies made next to their cast (_cast_pair)
+_FUSED = {"cast": False}  # Triton amax/cast/transpose in eager CUDA runs: off until measured faster (set_fused_cast)
 
 
 def set_fused_cast(enabled: bool) -> bool:
@@ -242,10 +241,7 @@ def _cast_pair(t: torch.Tensor, fmt: Format, scale: torch.Tensor, transpose: boo
     if _fused(t_hp):
         t_fp8, t_fp8_t, _ = fused_cast(t_hp, fmt, scale, transpose=transpose)
         return t_fp8, t_fp8_t
-    t_fp8 = quantize(t_hp, fmt, scale)
-    if transpose and _FUSED["compiled_transpose"] and torch.compiler.is_compiling():
-        return t_fp8, t_fp8.t().contiguous()  # Inductor writes it from the cast's kernel, not from memory later
-    return t_fp8, None
+    return quantize(t_hp, fmt, scale), None
 
 
 def _fp8_forward(layer: Float8Linear, x2d, w_hp, update: bool, recompute: bool, out_dtype, ready: bool = False,

@@ -138,10 +138,12 @@ def test_triton_amax_matches_formats_amax(shape, seed):
 
 
 @needs_triton
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("master", ["fp32", "fp16"])
 @pytest.mark.parametrize("scaling", ["current", "delayed"])
-def test_float8_linear_fused_path_is_bit_identical(master, scaling, seed):
-    """Float8Linear with the Triton casts gives the same output and gradients as the plain path."""
+def test_float8_linear_fused_path_is_bit_identical(master, scaling, compiled, seed):
+    """Float8Linear with the Triton casts gives the same output and gradients as the plain path, also
+    compiled (AOTAutograd without Inductor: the kernels inside ``fp8lm::cast_transpose_amax``)."""
     from torch import nn
 
     from fp8lm.nn.linear import Float8Linear, set_fused_cast
@@ -152,11 +154,12 @@ def test_float8_linear_fused_path_is_bit_identical(master, scaling, seed):
         layer = Float8Linear.from_linear(nn.Linear(200, 96, device="cuda"), Recipe(scaling=scaling), master=master)
         x = (randn_heavy(3, 50, 200, dist="student_t")).to("cuda", torch.bfloat16).requires_grad_()  # (B, T, K)
         g = randn_heavy(3, 50, 96, dist="student_t").to("cuda", torch.bfloat16) * 1e-3  # (B, T, N)
+        call = torch.compile(layer, backend="aot_eager") if fused and compiled else layer
         old = set_fused_cast(fused)
         try:
             outs = []
-            for _ in range(2):  # the second call reads the delayed history the first one wrote
-                out = layer(x)
+            for _ in range(3):  # later calls read the delayed history the first one wrote
+                out = call(x)
                 gx, gw = torch.autograd.grad(out, (x, layer.weight), g)
                 gw = gw.dequantize() if hasattr(gw, "dequantize") else gw
                 outs += [out, gx, gw]
@@ -164,12 +167,16 @@ def test_float8_linear_fused_path_is_bit_identical(master, scaling, seed):
             set_fused_cast(old)
         return outs + [layer.fp8_amax_history.clone(), layer.fp8_last_scale.clone()]
 
+    torch._dynamo.reset()
     for plain, fused in zip(run(False), run(True)):
         assert torch.equal(plain, fused)
 
 
-def test_float8_linear_fused_wiring_on_cpu(monkeypatch, seed):
-    """The fused path's layouts (transposed copies viewed back for backward) give the plain path's bits.
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_float8_linear_fused_wiring_on_cpu(monkeypatch, compiled, seed):
+    """The fused path's layouts (transposed copies viewed back for backward) and, once the delayed
+    scales are ready (steps 2 and 3), the amaxes taken from the casts' own pass give the plain
+    path's bits; compiled, the cast is the opaque operator ``fp8lm::cast_transpose_amax``.
 
     The twin stands in for the kernels (``fused_cast`` falls back to it on a CPU), so this checks
     Float8Linear's wiring everywhere; the GPU test above checks the kernels themselves.
@@ -180,23 +187,44 @@ def test_float8_linear_fused_wiring_on_cpu(monkeypatch, seed):
     from fp8lm.nn.linear import Float8Linear
     from fp8lm.scaling import Recipe
 
+    import fp8lm.ops.cast as cast_mod
+    calls = {"op": 0, "push": 0}
+
+    def counted(fn, key):
+        def wrapper(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
     def run(fused):
         torch.manual_seed(seed)
         layer = Float8Linear.from_linear(nn.Linear(200, 96), Recipe(scaling="delayed"), master="fp16")
-        x = randn_heavy(3, 50, 200, dist="student_t").to(torch.bfloat16).requires_grad_()  # (B, T, K)
-        g = randn_heavy(3, 50, 96, dist="student_t").to(torch.bfloat16) * 1e-3  # (B, T, N)
+        call = torch.compile(layer, backend="aot_eager") if fused and compiled else layer
+        outs = []
         with monkeypatch.context() as mp:
             if fused:
                 mp.setattr(linear_mod, "_fused", lambda t: t.dim() == 2)
-            outs = []
-            for _ in range(2):
-                out = layer(x)
+                mp.setattr(cast_mod, "fused_cast", counted(cast_mod.fused_cast, "op"))  # inside the operator
+                if not compiled:  # (a Python side effect in backward would keep Dynamo from compiling it)
+                    mp.setattr(Float8Linear, "push_amax", counted(Float8Linear.push_amax, "push"))
+            for step in range(3):
+                x = randn_heavy(3, 50, 200, dist="student_t").to(torch.bfloat16).requires_grad_()  # (B, T, K)
+                g = randn_heavy(3, 50, 96, dist="student_t").to(torch.bfloat16) * 1e-3 * (step + 1)  # (B, T, N)
+                out = call(x)
                 gx, gw = torch.autograd.grad(out, (x, layer.weight), g)
-                outs += [out, gx, gw.dequantize()]
-        return outs + [layer.fp8_amax_history.clone(), layer.fp8_last_scale.clone()]
+                outs += [out, gx, gw.dequantize(), layer.fp8_amax_history.clone(), layer.fp8_last_scale.clone()]
+        return outs
 
-    for plain, fused in zip(run(False), run(True)):
-        assert torch.equal(plain, fused)
+    torch._dynamo.reset()
+    plain, fused = run(False), run(True)
+    torch._dynamo.reset()
+    assert len(plain) == len(fused) == 15
+    if compiled:  # the operator ran for every cast of every step, backward's included (3 per step)
+        assert calls["op"] == 9
+    else:  # steps 2 and 3 took x, w and grad_out amaxes from their casts
+        assert calls["push"] == 6
+    for i, (a, b) in enumerate(zip(plain, fused)):
+        assert torch.equal(a, b), f"step {i // 5}, output {i % 5}"
 
 
 @needs_interpreter

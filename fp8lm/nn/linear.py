@@ -24,14 +24,19 @@ When is scaling state updated? Exactly once per training forward + backward:
 
 A module called several times per step (weight sharing) pushes one history entry per call.
 
-Fused casts (opt-in, eager CUDA runs with Triton: ``set_fused_cast(True)``; off by default until
-``fp8lm bench`` has measured them faster on a GPU, its ``fp8 triton`` column): each amax is one read-only Triton
-pass and each cast one pass that writes the FP8 tensor *and* its transpose (``fp8lm.ops.cast``),
-instead of about ten unfused elementwise passes with float32 temporaries plus the transposing copies
-``fp8_mm`` makes in backward. Backward then receives ``x_fp8`` and ``w_fp8`` as column-major views of
-the transposed copies (the layouts its GEMMs read), and ``grad_out``'s transpose comes from its cast.
-The bytes are identical to the plain path's (the kernels' test compares them with their twin bit for
-bit). Under ``torch.compile`` the plain path is traced and Inductor fuses it.
+Fused casts (opt-in, CUDA runs with Triton: ``set_fused_cast(True)``; off by default until
+``fp8lm bench`` has measured them faster on a GPU, its ``fp8 triton`` column and ``O1 triton`` row):
+each amax is one read-only Triton pass and each cast one pass that writes the FP8 tensor *and* its
+transpose (``fp8lm.ops.cast``), instead of about ten unfused elementwise passes with float32
+temporaries plus the transposing copies ``fp8_mm`` makes in backward. Backward then receives
+``x_fp8`` and ``w_fp8`` as column-major views of the transposed copies (the layouts its GEMMs read),
+and ``grad_out``'s transpose comes from its cast. With a ready delayed scale (``fp8_scale``) the amax
+for the history comes from the cast's own pass, so each operand is read once. The bytes are
+identical to the plain path's (the kernels' test compares them with their twin bit for bit). Under
+``torch.compile`` the plain path is traced and Inductor fuses it; with the fused casts on, the cast
+kernel is called as the opaque operator ``fp8lm::cast_transpose_amax`` (the amax passes of current
+scaling stay Inductor's). On the H100 Inductor's own cast of the fused QKV projection's gradient ran
+at about a quarter of memory bandwidth (``benchmarks/RESULTS.md``): that is what this is meant to beat.
 
 Scaling state lives in non-persistent buffers (``fp8_amax_history``, ``fp8_last_scale``): it moves
 with ``.to()`` but stays out of ``state_dict`` so converted and plain models share checkpoint keys.
@@ -82,20 +87,26 @@ _FUSED = {"cast": False}  # Triton amax/cast/transpose in eager CUDA runs: off u
 
 
 def set_fused_cast(enabled: bool) -> bool:
-    """Turn the Triton fused casts (``fp8lm.ops.cast``) of eager CUDA runs on or off; returns the old setting.
+    """Turn the Triton fused casts (``fp8lm.ops.cast``) of CUDA runs on or off; returns the old setting.
 
     Either way the FP8 bytes, scales and outputs are bit-identical (the kernels' twin is the plain
-    path); only the number of passes over memory differs. Compiled code always takes the plain path,
-    which Inductor fuses itself.
+    path); only the number of passes over memory differs. Compiled code calls the cast kernel as
+    the opaque operator ``fp8lm::cast_transpose_amax`` (the amax passes stay Inductor's), and reads
+    the setting when it is compiled.
     """
     old, _FUSED["cast"] = _FUSED["cast"], bool(enabled)
     return old
 
 
 def _fused(t: torch.Tensor) -> bool:
-    """Whether ``t`` takes the Triton fused cast: eager, on CUDA, with Triton, and switched on."""
-    return (_FUSED["cast"] and t.is_cuda and t.dim() == 2 and not torch.compiler.is_compiling()
-            and triton_available(t.device))
+    """Whether ``t`` (a ScaledTensor: its data) takes the Triton fused cast: on CUDA, with Triton, switched on."""
+    t = t._data if isinstance(t, ScaledTensor) else t
+    return _FUSED["cast"] and t.is_cuda and t.dim() == 2 and triton_available(t.device)
+
+
+def _fused_amax(t: torch.Tensor) -> bool:
+    """Whether ``t``'s amax takes the Triton kernel: the fused path, eager (compiled: Inductor's reduction)."""
+    return _fused(t) and not torch.compiler.is_compiling()
 
 
 def _in_backward() -> bool:
@@ -172,12 +183,13 @@ class Float8Linear(nn.Linear):
         return f"{super().extra_repr()}, fp8={r.scaling}:{r.fwd_format}/{r.grad_format}{extra}"
 
     def fp8_scale(self, row: int, t: torch.Tensor, fmt: Format, update: bool, recompute: bool,
-                  ready: bool = False) -> torch.Tensor:
+                  ready: bool = False, amax_later: bool = False) -> torch.Tensor:
         """The scale for casting ``t`` (state row ``row``), updating the state when ``update``.
 
         ``ready`` (delayed scaling after the first training forward): the scale comes from the
         history alone, so the cast does not wait for ``t``'s amax (under ``torch.compile`` it can be
-        fused into the kernel that produces ``t``); ``t``'s amax only feeds the history.
+        fused into the kernel that produces ``t``); ``t``'s amax only feeds the history, and with
+        ``amax_later`` the caller pushes it (``push_amax``) from the cast's own pass.
         """
         if self.recipe.scaling == "static":
             return static_scale(t.device)  # no amax: the model is unit-scaled by construction
@@ -189,7 +201,8 @@ class Float8Linear(nn.Linear):
             r = self.recipe
             scale = scale_from_amax(history.amax(), fmt, r.margin, r.pow2_scales)
             if update:
-                update_history(history, _amax(t))
+                if not amax_later:
+                    update_history(history, _amax(t))
                 self.fp8_last_scale[row].copy_(scale)
             return scale
         amax_now = _amax(t)
@@ -225,23 +238,45 @@ class Float8Linear(nn.Linear):
             return _Float8LinearFn.apply(x, self.weight, self.bias, self, out_dtype, update, recompute, ready)
 
 
+    def push_amax(self, row: int, amax_now: torch.Tensor) -> None:
+        """Push an amax measured by the cast itself into the delayed history (``fp8_scale(amax_later=True)``)."""
+        update_history(self.fp8_amax_history[row], amax_now)
+
+
 def _amax(t: torch.Tensor) -> torch.Tensor:
     """amax of ``t``'s true values; for a ScaledTensor read from its narrow ``_data`` (exact)."""
     if isinstance(t, ScaledTensor):
-        return (fused_amax(t._data) if _fused(t._data) else amax(t._data)) / t._scale
-    return fused_amax(t) if _fused(t) else amax(t)
+        return (fused_amax(t._data) if _fused_amax(t._data) else amax(t._data)) / t._scale
+    return fused_amax(t) if _fused_amax(t) else amax(t)
 
 
-def _cast_pair(t: torch.Tensor, fmt: Format, scale: torch.Tensor, transpose: bool = True):
-    """``(t_fp8, t_fp8_t)``: the cast and, on the fused path with ``transpose``, its transposed copy
-    from the same pass (else None: ``fp8_mm`` transposes when it needs to). A ScaledTensor is read
-    from ``_data`` (its power-of-two scale divides exactly, so the FP8 bits equal those of an FP32
-    weight holding the same values)."""
+def _cast_pair(t: torch.Tensor, fmt: Format, scale: torch.Tensor, transpose: bool = True, with_amax: bool = False):
+    """``(t_fp8, t_fp8_t, amax)``: the cast and, on the fused path, its transposed copy (with
+    ``transpose``) and ``t``'s amax (with ``with_amax``) from the same pass; else None (``fp8_mm``
+    transposes when it needs to). A ScaledTensor is read from ``_data`` (its power-of-two scale
+    divides exactly, so the FP8 bits equal those of an FP32 weight holding the same values, and the
+    amax that of those values)."""
     t_hp = t.dequantize() if isinstance(t, ScaledTensor) else t
     if _fused(t_hp):
-        t_fp8, t_fp8_t, _ = fused_cast(t_hp, fmt, scale, transpose=transpose)
-        return t_fp8, t_fp8_t
-    return quantize(t_hp, fmt, scale), None
+        if torch.compiler.is_compiling():  # the kernel as one opaque operator (it always writes both)
+            t_fp8, t_fp8_t, a = torch.ops.fp8lm.cast_transpose_amax(t_hp, scale, fmt.name)
+            return t_fp8, (t_fp8_t if transpose else None), (a if with_amax else None)
+        return fused_cast(t_hp, fmt, scale, transpose=transpose, with_amax=with_amax)
+    return quantize(t_hp, fmt, scale), None, (amax(t_hp) if with_amax else None)
+
+
+def _cast_scaled(layer: "Float8Linear", row: int, t: torch.Tensor, fmt: Format, update: bool, recompute: bool,
+                 ready: bool, transpose: bool):
+    """``(t_fp8, t_fp8_t, scale)`` for one operand: its scale, its cast, and the state update.
+
+    On the fused path with a ready delayed scale, the amax for the history comes from the cast's own
+    pass (one read of ``t`` instead of two); otherwise ``fp8_scale`` measures it first."""
+    later = update and ready and layer.recipe.scaling == "delayed" and _fused(t)
+    scale = layer.fp8_scale(row, t, fmt, update, recompute, ready, amax_later=later)
+    t_fp8, t_fp8_t, a = _cast_pair(t, fmt, scale, transpose, with_amax=later)
+    if later:
+        layer.push_amax(row, a)
+    return t_fp8, t_fp8_t, scale
 
 
 def _fp8_forward(layer: Float8Linear, x2d, w_hp, update: bool, recompute: bool, out_dtype, ready: bool = False,
@@ -253,13 +288,11 @@ def _fp8_forward(layer: Float8Linear, x2d, w_hp, update: bool, recompute: bool, 
     read without another copy). ``save=False`` (no backward will run) skips the transposed copies.
     """
     fmt = layer.recipe.fwd
-    x_scale = layer.fp8_scale(_X, x2d, fmt, update, recompute, ready)
-    x_fp8, x_fp8_t = _cast_pair(x2d, fmt, x_scale, save)  # (M, K), (K, M) or None
+    x_fp8, x_fp8_t, x_scale = _cast_scaled(layer, _X, x2d, fmt, update, recompute, ready, save)  # (M, K), (K, M)|None
     if isinstance(w_hp, ScaledTensor) and w_hp._data.dtype == fmt.dtype:  # arrived in FP8 (O3 all-gather)
         w_scale, w_fp8, w_fp8_t = w_hp._scale, w_hp._data, None
     else:
-        w_scale = layer.fp8_scale(_W, w_hp, fmt, update, recompute, ready)
-        w_fp8, w_fp8_t = _cast_pair(w_hp, fmt, w_scale, save)  # (N, K), (K, N) or None
+        w_fp8, w_fp8_t, w_scale = _cast_scaled(layer, _W, w_hp, fmt, update, recompute, ready, save)  # (N, K), (K, N)
     out = fp8_mm(x_fp8, x_scale.reciprocal(), w_fp8.t(), w_scale.reciprocal(), out_dtype,
                  emulate=layer.recipe.emulate, fast_accum=layer.recipe.fast_accum)  # (M, N)
     x_keep = x_fp8 if x_fp8_t is None else x_fp8_t.t()  # (M, K)
@@ -286,8 +319,7 @@ class _Float8LinearFn(torch.autograd.Function):
         layer = ctx.layer
         g2d = grad_out.reshape(-1, grad_out.shape[-1])  # (M, N)
         fmt = layer.recipe.grad
-        g_scale = layer.fp8_scale(_G, g2d, fmt, ctx.update, False, ctx.ready)
-        g_fp8, g_fp8_t = _cast_pair(g2d, fmt, g_scale)  # (M, N), (N, M) or None
+        g_fp8, g_fp8_t, g_scale = _cast_scaled(layer, _G, g2d, fmt, ctx.update, False, ctx.ready, True)  # (M, N), (N, M)
         g_inv, emulate = g_scale.reciprocal(), layer.recipe.emulate
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:

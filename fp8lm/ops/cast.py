@@ -35,7 +35,7 @@ import torch
 
 from fp8lm.formats import Format, amax, get_format, quantize
 
-__all__ = ["fused_amax", "fused_cast", "cast_reference", "triton_available", "BACKENDS"]
+__all__ = ["fused_amax", "fused_cast", "cast_transpose_amax", "cast_reference", "triton_available", "BACKENDS"]
 
 BACKENDS = ("auto", "triton", "torch")
 _BLOCK_M, _BLOCK_N = 64, 64
@@ -173,3 +173,21 @@ def fused_cast(x_hp: torch.Tensor, fmt: Format | str, scale: torch.Tensor, trans
     if transpose and not kernel_t:
         x_fp8_t = x_fp8.t().contiguous()
     return x_fp8, x_fp8_t, (partial.amax() if with_amax else None)
+
+
+@torch.library.custom_op("fp8lm::cast_transpose_amax", mutates_args=())
+def cast_transpose_amax(x_hp: torch.Tensor, scale: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``fused_cast(x_hp, fmt, scale, transpose=True, with_amax=True)`` as one opaque torch operator.
+
+    ``torch.compile`` calls it as it is (Triton on CUDA, the twin elsewhere) instead of tracing its
+    parts, so a compiled FP8 linear can use the one-pass kernel; returns ``(x_fp8, x_fp8_t, amax)``.
+    """
+    return fused_cast(x_hp, fmt, scale, transpose=True, with_amax=True)
+
+
+@cast_transpose_amax.register_fake
+def _(x_hp, scale, fmt):
+    m, n = x_hp.shape
+    dtype = get_format(fmt).dtype
+    return (x_hp.new_empty((m, n), dtype=dtype), x_hp.new_empty((n, m), dtype=dtype),
+            x_hp.new_empty((), dtype=torch.float32))

@@ -86,10 +86,22 @@ def check_one_line_error(args, word, returncode, stderr):
     assert "Traceback" not in stderr and "usage" not in stderr, args
 
 
+def test_bad_arguments_one_line(tmp_path, capsys, monkeypatch):
+    """Every case through ``main`` in this process (the exit code and stderr a process would have)."""
+    monkeypatch.delenv("FP8LM_DEBUG", raising=False)
+    for args, word in bad_cases(tmp_path):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        check_one_line_error(args, word, exit_info.value.code, capsys.readouterr().err)
+
+
 def test_bad_arguments_one_line_subprocess(tmp_path):
-    """Every case as a real process, several at once (each pays the torch import)."""
-    cases = bad_cases(tmp_path)
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+    """Two cases as real processes: a parser error and a run-time ``ValueError`` (each process pays
+    the torch import, so the other cases run in-process above)."""
+    cases = [c for c in bad_cases(tmp_path) if c[1] in ("preset", "does not exist")]
+    assert len(cases) == 2
+    with ThreadPoolExecutor(max_workers=2) as pool:
         procs = list(pool.map(lambda case: fp8lm_cli(*case[0]), cases))
     for (args, word), proc in zip(cases, procs):
         check_one_line_error(args, word, proc.returncode, proc.stderr)

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Issue 5 GPU record (the lent H100), from the repo root: `bash benchmarks/gpu_bench.sh [BUDGET_S] [LIMIT_S]`.
-# 1. GPU tests: Triton casts (eager and inside torch.compile) and the fused AdamW step against their
-#    plain-torch twins, FP8 GEMM numerics; 2. `fp8lm bench`, compiled, recipe delayed (rows O0, O1, O2,
-#    torchao, and O1 triton: the fused casts as the operator fp8lm::cast_transpose_amax); table printed last.
+# 1. GPU tests: the Triton casts (eager and inside torch.compile; every cast, or the output gradients'
+#    only) and the fused AdamW step against their plain-torch twins, FP8 GEMM numerics;
+# 2. `fp8lm bench`, compiled, recipe delayed: GEMM level, then step rows O0, O1, O2 (output-gradient
+#    casts fused, the CUDA default), torchao, O1 plain (no fused casts), O1 triton (every cast fused,
+#    the operator fp8lm::cast_transpose_amax); table printed last.
 # torchao is optional: wheels in .whl/ (carried to the device) are installed to /tmp/site if present.
 set -o pipefail
 export PYTHONUNBUFFERED=1

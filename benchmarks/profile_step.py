@@ -1,6 +1,9 @@
 """Where a step's GPU time goes (a GPU debugging aid): torch.profiler over compiled llama-0.75b steps.
 
-Usage: python benchmarks/profile_step.py [LEVEL ...] [--recipe=NAME]   (default O1, recipe current).
+Usage: python benchmarks/profile_step.py [LEVEL ...] [--recipe=NAME] [--rows=N]
+(default O1, recipe current, 25 kernel rows).
+A LEVEL ending in "-triton" (O1-triton) runs with every cast of Float8Linear fused (Triton),
+"-plain" (O1-plain) with none, "-tgrad" with only the output gradients' casts fused (the default).
 Prints, per level, the median
 time of each phase (forward+backward, clip_grad_norm_, optimizer.step, zero_grad; CUDA events) and
 the top CUDA kernels of two profiled steps.
@@ -12,6 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from fp8lm.bench import BenchConfig, _build
+from fp8lm.nn.linear import set_fused_cast
 
 
 def phases(model, optimizer, x, y, steps: int = 5) -> dict:
@@ -38,11 +42,14 @@ def phases(model, optimizer, x, y, steps: int = 5) -> dict:
 
 def main() -> None:
     recipe = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--recipe=")), "current")
+    rows = int(next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--rows=")), "25"))
     levels = [a for a in sys.argv[1:] if not a.startswith("--")] or ["O1"]
     for level in levels:
         torch._dynamo.reset()
+        base, _, fused = level.partition("-")
+        set_fused_cast({"": "grad", "tgrad": "grad", "plain": False, "triton": True}[fused])
         cfg = BenchConfig(device="cuda", preset="llama-0.75b", batch_size=8, seq_len=2048, recipe=recipe)
-        model, optimizer = _build(cfg, level)
+        model, optimizer = _build(cfg, base)
         for block in model.layers:
             block.compile()
         vocab = model.config.vocab_size
@@ -60,7 +67,7 @@ def main() -> None:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90), flush=True)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=90), flush=True)
         del model, optimizer
 
 

@@ -15,10 +15,12 @@ same for every column, and ratios are taken inside the run.
   - ``bf16``: ``nn.Linear`` with BF16 weights (no casts at all: the strongest BF16 layer);
   - ``fp8``: ``fp8lm.nn.Float8Linear`` as levels O1/O2 build it (FP16 master with a scale, FP8
     weight gradient, recipe ``current``), quantization, transposes and scale math included, with
-    its default (plain-torch) casts;
-  - ``fp8 triton``: the same with the Triton fused amax/cast/transpose kernels switched on
-    (``fp8lm.ops.cast``, ``set_fused_cast``; only on CUDA with Triton);
-  - ``fp8 compiled``: the same layer under ``torch.compile`` (Inductor fuses the plain casts);
+    its default casts (on CUDA with Triton the output gradient's cast is the fused kernel,
+    ``set_fused_cast("grad")``; the others are plain torch);
+  - ``fp8 triton``: the same with every cast the Triton fused amax/cast/transpose kernel
+    (``fp8lm.ops.cast``, ``set_fused_cast(True)``; only on CUDA with Triton);
+  - ``fp8 compiled``: the default layer under ``torch.compile`` (Inductor fuses the plain casts);
+  - ``fp8 triton compiled``: compiled with every cast fused (the operator ``fp8lm::cast_transpose_amax``);
   - ``torchao`` / ``torchao compiled``: torchao's float8 ``tensorwise`` layer, only if ``torchao``
     is importable: optional columns, never a dependency;
   - ``scaled_mm only``: the three ``torch._scaled_mm`` calls on operands already quantized and laid
@@ -28,7 +30,9 @@ same for every column, and ratios are taken inside the run.
   Gradients come from ``torch.autograd.grad`` (no accumulation into ``.grad`` between repeats).
 * Step level: a full training step of a preset (``llama-0.75b`` on GPUs: batch 8 x 2048 tokens)
   at each level: forward, backward, ``clip_grad_norm_(1.0)``, optimizer step, ``zero_grad``.
-  CUDA runs add ``O1 triton`` (O1 with the Triton fused casts switched on) where Triton runs;
+  Where Triton runs on CUDA, O1 and O2 fuse the output gradients' casts (the default,
+  ``set_fused_cast("grad")``), and two more rows show the alternatives: ``O1 plain`` (no fused
+  casts, ``set_fused_cast(False)``) and ``O1 triton`` (every cast fused, ``set_fused_cast(True)``);
   compiled, the cast kernel is the opaque operator ``fp8lm::cast_transpose_amax``.
   O0 is the strongest honest BF16 baseline: BF16 autocast, torch's fused AdamW, compiled exactly as
   the FP8 levels are (per transformer block, ``block.compile()``, the way the issue's reference
@@ -69,8 +73,8 @@ GEMM_SHAPES = ((16384, 2048, 6144), (16384, 2048, 2048), (16384, 2048, 11264), (
 SMOKE_GEMM_SHAPES = ((256, 128, 384), (256, 384, 128))
 COMPILE_MODES = ("off", "on", "both")
 BENCH_LEVELS = ("O0", "O1", "O2")  # the single-process levels (O3 needs torch.distributed)
-GEMM_VARIANTS = ("bf16", "fp8", "fp8 triton", "fp8 compiled", "torchao", "torchao compiled", "bf16 mm only",
-                 "scaled_mm only")
+GEMM_VARIANTS = ("bf16", "fp8", "fp8 triton", "fp8 compiled", "fp8 triton compiled", "torchao", "torchao compiled",
+                 "bf16 mm only", "scaled_mm only")
 
 
 @dataclass
@@ -274,12 +278,15 @@ def _scaled_mm_only(m: int, k: int, n: int, device: str):
     return hp, fp8
 
 
-def _with_fused_cast(fn):
-    """`fn` run with `Float8Linear`'s Triton fused casts switched on (`fp8lm.ops.cast`)."""
+FUSED_CAST_ROWS = {" plain": False, " triton": True}  # step-row suffix -> set_fused_cast mode
+
+
+def _with_fused_cast(fn, mode: bool | str = True):
+    """`fn` run with `Float8Linear`'s Triton fused casts set to `mode` (`set_fused_cast`; True: every cast)."""
     from fp8lm.nn.linear import set_fused_cast
 
     def call():
-        old = set_fused_cast(True)
+        old = set_fused_cast(mode)
         try:
             return fn()
         finally:
@@ -296,6 +303,9 @@ def _gemm_closures(m: int, k: int, n: int, cfg: BenchConfig, phase: str, ao: boo
     if phase == "compiled":
         makers = {"fp8 compiled": lambda: _fwd_bwd(torch.compile(_fp8_layer(k, n, device, _recipe(cfg))),
                                                    x_hp, grad_out_hp)}
+        if triton_available(device) and device.startswith("cuda"):
+            makers["fp8 triton compiled"] = lambda: _with_fused_cast(
+                _fwd_bwd(torch.compile(_fp8_layer(k, n, device, _recipe(cfg))), x_hp, grad_out_hp))
         if ao:
             makers["torchao compiled"] = lambda: _fwd_bwd(torch.compile(_torchao_layer(k, n, device)),
                                                           x_hp, grad_out_hp)
@@ -411,8 +421,8 @@ def bench_step_one(cfg: BenchConfig, variant: str, compiled: bool) -> dict:
     cuda = cfg.device.startswith("cuda")
     if compiled:
         torch._dynamo.reset()
-    fused = variant.endswith(" triton")  # Float8Linear with the Triton fused casts switched on
-    model, optimizer = _build(cfg, variant.removesuffix(" triton"))
+    suffix = next((s for s in FUSED_CAST_ROWS if variant.endswith(s)), "")  # Triton fused casts on
+    model, optimizer = _build(cfg, variant.removesuffix(suffix) if suffix else variant)
     if compiled:
         for block in model.layers:
             block.compile()
@@ -424,7 +434,7 @@ def bench_step_one(cfg: BenchConfig, variant: str, compiled: bool) -> dict:
         torch.cuda.reset_peak_memory_stats(cfg.device)
     marks = [] if cuda else None
     step = _step_fn(model, optimizer, x, y, marks)
-    step = _with_fused_cast(step) if fused else step
+    step = _with_fused_cast(step, FUSED_CAST_ROWS[suffix]) if suffix else step
     t0 = time.perf_counter()
     for _ in range(cfg.warmup):
         step()
@@ -472,7 +482,7 @@ def bench_steps(cfg: BenchConfig, budget: _Budget, rows: list | None = None, on_
     settings = {"off": [False], "on": [True], "both": [False, True]}[cfg.compile]
     rows = rows if rows is not None else []
     for compiled in settings:
-        extra = (["O1 triton"] if "O1" in cfg.levels and cfg.device.startswith("cuda")
+        extra = (["O1" + s for s in FUSED_CAST_ROWS] if "O1" in cfg.levels and cfg.device.startswith("cuda")
                  and triton_available(cfg.device) else [])
         for variant in variants + extra:
             tag = f"{variant} {'compiled' if compiled else 'eager'}"
@@ -614,16 +624,16 @@ def format_tables(result: dict) -> str:
                 if meta["peak_tflops"] else "MFU n/a (no peak for this device)")
         lines += ["", f"Step level: {cfg['preset']}, {cfg['batch_size']} x {cfg['seq_len']} tokens, median of "
                   f"{cfg['steps']} steps after {cfg['warmup']} warm-up; {peak}",
-                  f"{'variant':<10}{'compile':>9}{'ms/step':>10}{'fwd+bwd':>10}{'optim':>8}{'tokens/s':>11}"
+                  f"{'variant':<12}{'compile':>9}{'ms/step':>10}{'fwd+bwd':>10}{'optim':>8}{'tokens/s':>11}"
                   f"{'MFU':>7}{'peak GiB':>10}{'vs O0':>8}"]
         for r in result["step"]:
             comp = "yes" if r["compile"] else "no"
             if "ms_per_step" not in r:
-                lines.append(f"{r['variant']:<10}{comp:>9}  {r.get('error') or r.get('skipped')}")
+                lines.append(f"{r['variant']:<12}{comp:>9}  {r.get('error') or r.get('skipped')}")
                 continue
             mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
             ratio = f"{r['ratio_vs_O0']:.2f}x" if "ratio_vs_O0" in r else "-"
-            lines.append(f"{r['variant']:<10}{comp:>9}{r['ms_per_step']:>10.1f}{_cell(r, 'fwd_bwd_ms', '.1f'):>10}"
+            lines.append(f"{r['variant']:<12}{comp:>9}{r['ms_per_step']:>10.1f}{_cell(r, 'fwd_bwd_ms', '.1f'):>10}"
                          f"{_cell(r, 'optimizer_ms', '.1f'):>8}{r['tokens_per_s']:>11,.0f}{mfu:>7}"
                          f"{_cell(r, 'peak_mem_gib', '.2f'):>10}{ratio:>8}")
     return "\n".join(lines)

@@ -129,13 +129,14 @@ def round_stochastic(x: torch.Tensor, dtype: torch.dtype, generator: torch.Gener
     return rounded.to(dtype)
 
 
-def _encode(x_hp: torch.Tensor, data_dtype: torch.dtype, stochastic: bool, generator):
-    """``(data, scale)`` representing ``x_hp`` in ``data_dtype``."""
+def _encode(x_hp: torch.Tensor, data_dtype: torch.dtype, stochastic: bool, generator,
+            scale: torch.Tensor | None = None):
+    """``(data, scale)`` representing ``x_hp`` in ``data_dtype`` (``scale``: given instead of chosen)."""
     if data_dtype not in DATA_DTYPES:
         raise ValueError(f"data_dtype {data_dtype} is not allowed; allowed: {', '.join(map(str, DATA_DTYPES))}")
     x_f32 = x_hp.detach()
     x_f32 = x_f32.dequantize() if isinstance(x_f32, ScaledTensor) else x_f32.float()
-    scale = _scale_for(x_f32, data_dtype)
+    scale = _scale_for(x_f32, data_dtype) if scale is None else scale.reshape(()).float()
     if data_dtype == torch.float32:
         return x_f32.clone(memory_format=torch.contiguous_format), scale  # never alias the caller's tensor
     x_scaled = x_f32 * scale
@@ -187,11 +188,17 @@ class ScaledTensor(torch.Tensor):
         return (self._data.float() / self._scale).to(dtype)
 
     def assign_hp_(self, x_hp: torch.Tensor, *, stochastic: bool = False,
-                   generator: torch.Generator | None = None) -> "ScaledTensor":
-        """Re-quantize ``x_hp`` into this tensor in place (new scale, same object, same ``_data`` dtype)."""
+                   generator: torch.Generator | None = None, scale: torch.Tensor | None = None) -> "ScaledTensor":
+        """Re-quantize ``x_hp`` into this tensor in place (new scale, same object, same ``_data`` dtype).
+
+        The scale is chosen from ``x_hp``'s amax, or is ``scale`` when given (a one-element float32
+        tensor: the caller answers for the range; FP16 masters are not saturated, FP8 data is).
+        """
         if tuple(x_hp.shape) != tuple(self.shape):
             raise ValueError(f"assign_hp_: shape {tuple(x_hp.shape)} does not match {tuple(self.shape)}")
-        data, scale = _encode(x_hp, self._data.dtype, stochastic, generator)
+        if scale is not None and scale.numel() != 1:
+            raise ValueError(f"assign_hp_: scale must have one element, got shape {tuple(scale.shape)}")
+        data, scale = _encode(x_hp, self._data.dtype, stochastic, generator, scale)
         self._data.copy_(data)
         self._scale.copy_(scale)
         return self

@@ -141,9 +141,11 @@ def test_triton_amax_matches_formats_amax(shape, seed):
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("master", ["fp32", "fp16"])
 @pytest.mark.parametrize("scaling", ["current", "delayed"])
-def test_float8_linear_fused_path_is_bit_identical(master, scaling, compiled, seed):
-    """Float8Linear with the Triton casts gives the same output and gradients as the plain path, also
-    compiled (AOTAutograd without Inductor: the kernels inside ``fp8lm::cast_transpose_amax``)."""
+@pytest.mark.parametrize("mode", [True, "grad"], ids=["all", "grad"])
+def test_float8_linear_fused_path_is_bit_identical(master, scaling, compiled, mode, seed):
+    """Float8Linear with the Triton casts (every operand, or the gradients only) gives the same output
+    and gradients as the plain path, also compiled (AOTAutograd without Inductor: the kernels inside
+    ``fp8lm::cast_transpose_amax``)."""
     from torch import nn
 
     from fp8lm.nn.linear import Float8Linear, set_fused_cast
@@ -155,7 +157,7 @@ def test_float8_linear_fused_path_is_bit_identical(master, scaling, compiled, se
         x = (randn_heavy(3, 50, 200, dist="student_t")).to("cuda", torch.bfloat16).requires_grad_()  # (B, T, K)
         g = randn_heavy(3, 50, 96, dist="student_t").to("cuda", torch.bfloat16) * 1e-3  # (B, T, N)
         call = torch.compile(layer, backend="aot_eager") if fused and compiled else layer
-        old = set_fused_cast(fused)
+        old = set_fused_cast(mode if fused else False)
         try:
             outs = []
             for _ in range(3):  # later calls read the delayed history the first one wrote
@@ -173,7 +175,8 @@ def test_float8_linear_fused_path_is_bit_identical(master, scaling, compiled, se
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_float8_linear_fused_wiring_on_cpu(monkeypatch, compiled, seed):
+@pytest.mark.parametrize("mode", [True, "grad"], ids=["all", "grad"])
+def test_float8_linear_fused_wiring_on_cpu(monkeypatch, compiled, mode, seed):
     """The fused path's layouts (transposed copies viewed back for backward) and, once the delayed
     scales are ready (steps 2 and 3), the amaxes taken from the casts' own pass give the plain
     path's bits; compiled, the cast is the opaque operator ``fp8lm::cast_transpose_amax``.
@@ -184,11 +187,11 @@ def test_float8_linear_fused_wiring_on_cpu(monkeypatch, compiled, seed):
     from torch import nn
 
     import fp8lm.nn.linear as linear_mod
-    from fp8lm.nn.linear import Float8Linear
+    from fp8lm.nn.linear import Float8Linear, set_fused_cast
     from fp8lm.scaling import Recipe
 
     import fp8lm.ops.cast as cast_mod
-    calls = {"op": 0, "push": 0}
+    calls = {"op": 0, "eager": 0, "push": 0}
 
     def counted(fn, key):
         def wrapper(*args, **kwargs):
@@ -203,7 +206,9 @@ def test_float8_linear_fused_wiring_on_cpu(monkeypatch, compiled, seed):
         outs = []
         with monkeypatch.context() as mp:
             if fused:
-                mp.setattr(linear_mod, "_fused", lambda t: t.dim() == 2)
+                mp.setattr(linear_mod, "_fusable", lambda t: t.dim() == 2)  # the mode still decides
+                mp.setattr(linear_mod, "_FUSED", {"cast": mode})
+                mp.setattr(linear_mod, "fused_cast", counted(cast_mod.fused_cast, "eager"))
                 mp.setattr(cast_mod, "fused_cast", counted(cast_mod.fused_cast, "op"))  # inside the operator
                 if not compiled:  # (a Python side effect in backward would keep Dynamo from compiling it)
                     mp.setattr(Float8Linear, "push_amax", counted(Float8Linear.push_amax, "push"))
@@ -219,10 +224,11 @@ def test_float8_linear_fused_wiring_on_cpu(monkeypatch, compiled, seed):
     plain, fused = run(False), run(True)
     torch._dynamo.reset()
     assert len(plain) == len(fused) == 15
-    if compiled:  # the operator ran for every cast of every step, backward's included (3 per step)
-        assert calls["op"] == 9
-    else:  # steps 2 and 3 took x, w and grad_out amaxes from their casts
-        assert calls["push"] == 6
+    per_step = 3 if mode is True else 1  # x, w and grad_out, or grad_out alone
+    if compiled:  # the operator ran for every fused cast of every step, backward's included
+        assert (calls["op"], calls["eager"]) == (3 * per_step, 0), calls
+    else:  # every fused cast took the eager kernel call; steps 2 and 3 pushed amaxes from the casts
+        assert (calls["op"], calls["eager"], calls["push"]) == (0, 3 * per_step, 2 * per_step), calls
     for i, (a, b) in enumerate(zip(plain, fused)):
         assert torch.equal(a, b), f"step {i // 5}, output {i % 5}"
 
@@ -274,3 +280,19 @@ def test_interpreter_kernels_match_oracle(shape, dtype, seed):
     x_fin[m // 2, n // 2] = float("-inf")
     assert fused_amax(x_fin, backend="triton") == float("inf")
     assert fused_amax(x, backend="triton").isnan()
+
+
+def test_set_fused_cast_modes():
+    """The three modes are taken and returned; anything else is refused with the allowed list."""
+    from fp8lm.nn.linear import FUSED_CAST_MODES, set_fused_cast
+
+    old = set_fused_cast("grad")
+    try:
+        assert set_fused_cast(True) == "grad" and set_fused_cast(False) is True
+        for bad in ("all", 1, None):
+            with pytest.raises(ValueError, match="must be one of"):
+                set_fused_cast(bad)
+        assert set_fused_cast(False) is False  # a refused mode left the setting alone
+    finally:
+        set_fused_cast(old)
+    assert FUSED_CAST_MODES == (False, True, "grad")

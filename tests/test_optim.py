@@ -461,3 +461,37 @@ def test_master_rounding_keeps_or_drops_small_updates(seed, master_rounding):
 def test_master_rounding_refuses_unknown():
     with pytest.raises(ValueError, match="invalid master_rounding 'up'"):
         AdamW([torch.nn.Parameter(torch.ones(2))], master_rounding="up")
+
+
+@pytest.mark.parametrize("init", ["zeros", "tiny", "normal"])
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.9, 0.95)])
+def test_fp32_state_master_scale_from_bound(seed, init, betas):
+    """State "fp32" (O1) picks an FP16 master's new scale before the step, from a bound on the new
+    amax (``amax(old) * |decay| + lr * bound``): the stored amax never passes the FP16 target (so no
+    overflow, even from zero or tiny weights with a large lr), and it stays within 4 binades of it."""
+    from fp8lm.tensor import FP16_AMAX_TARGET
+
+    w0 = {"zeros": torch.zeros(64, 48), "tiny": randn_heavy(64, 48) * 1e-20,
+          "normal": randn_heavy(64, 48, dist="student_t") * 0.02}[init]  # (64, 48)
+    p = torch.nn.Parameter(ScaledTensor.from_hp(w0, torch.float16))
+    opt = AdamW([p], lr=0.1, betas=betas, weight_decay=0.1, state="fp32")
+    for step in range(12):
+        p.grad = randn_heavy(64, 48, dist="student_t") * 10.0 ** (step % 5 - 2)  # (64, 48)
+        opt.step()
+        stored = p._data.float().abs().amax()
+        assert torch.isfinite(p._data).all(), f"step {step}"
+        assert FP16_AMAX_TARGET / 2**4 < stored <= FP16_AMAX_TARGET, f"step {step}: amax {float(stored)}"
+        assert float(p._scale) == 2.0 ** round(math.log2(float(p._scale)))  # a power of two
+
+
+def test_fp32_state_master_without_bound_takes_the_exact_amax(seed):
+    """Betas with no bound on the update (beta2 = 0 < beta1) fall back to the new weights' own amax."""
+    from fp8lm.tensor import FP16_AMAX_TARGET
+
+    assert not math.isfinite(_update_bound(0.9, 0.0, 3)[1])
+    p = torch.nn.Parameter(ScaledTensor.from_hp(randn_heavy(32, 40), torch.float16))
+    opt = AdamW([p], lr=1e-2, betas=(0.9, 0.0), state="fp32")
+    for _ in range(3):
+        p.grad = randn_heavy(32, 40)  # (32, 40)
+        opt.step()
+        assert FP16_AMAX_TARGET / 2 < p._data.float().abs().amax() <= FP16_AMAX_TARGET

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from conftest import randn_heavy
-from fp8lm.formats import sqnr_db
+from fp8lm.formats import E4M3, quantize, scale_from_amax, sqnr_db
 from fp8lm.tensor import FP16_AMAX_TARGET, ScaledTensor, is_scaled, round_stochastic, storage_bytes
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -341,3 +341,27 @@ def test_norms_read_narrow_data(seed, data_dtype):
     # clipping multiplies FP8 storage through its scale (exact) but re-rounds FP16 data (2**-11 per element)
     tol = 1e-3 if data_dtype == torch.float16 else 1e-5
     assert abs(float(torch.linalg.vector_norm(w.grad.dequantize().double())) - 1.0) < tol
+
+
+def test_clip_grad_norm_over_scaled_and_plain_grads(seed):
+    """``clip_grad_norm_`` over FP8 ScaledTensor and plain gradients: the float64 total norm, and the
+    FP8 gradients are clipped through their scales (bytes untouched)."""
+    params, ref_sq = [], 0.0
+    for i, shape in enumerate([(37, 100), (300, 515), (64,)]):
+        p = torch.nn.Parameter(torch.zeros(shape))
+        g = randn_heavy(*shape, dist="student_t")  # (shape)
+        if i < 2:
+            s = scale_from_amax(g.abs().amax(), E4M3)
+            g_fp8 = quantize(g, E4M3, s)
+            p.grad = ScaledTensor(g_fp8, s)
+            ref_sq += float((g_fp8.double() / s.double()).square().sum())
+        else:
+            p.grad = g
+            ref_sq += float(g.double().square().sum())
+        params.append(p)
+    data_before = params[0].grad._data.clone()
+    total = torch.nn.utils.clip_grad_norm_(params, 1.0)
+    assert abs(float(total) - math.sqrt(ref_sq)) / math.sqrt(ref_sq) < 1e-4  # torch's float32 norm on a CPU: about 1e-5 here
+    assert torch.equal(params[0].grad._data.view(torch.uint8), data_before.view(torch.uint8))
+    after = math.sqrt(sum(float(p.grad.double().square().sum()) for p in params))
+    assert abs(after - 1.0) < 1e-4

@@ -24,19 +24,24 @@ When is scaling state updated? Exactly once per training forward + backward:
 
 A module called several times per step (weight sharing) pushes one history entry per call.
 
-Fused casts (opt-in, CUDA runs with Triton: ``set_fused_cast(True)``; off by default until
-``fp8lm bench`` has measured them faster on a GPU, its ``fp8 triton`` column and ``O1 triton`` row):
-each amax is one read-only Triton pass and each cast one pass that writes the FP8 tensor *and* its
-transpose (``fp8lm.ops.cast``), instead of about ten unfused elementwise passes with float32
-temporaries plus the transposing copies ``fp8_mm`` makes in backward. Backward then receives
-``x_fp8`` and ``w_fp8`` as column-major views of the transposed copies (the layouts its GEMMs read),
-and ``grad_out``'s transpose comes from its cast. With a ready delayed scale (``fp8_scale``) the amax
-for the history comes from the cast's own pass, so each operand is read once. The bytes are
-identical to the plain path's (the kernels' test compares them with their twin bit for bit). Under
-``torch.compile`` the plain path is traced and Inductor fuses it; with the fused casts on, the cast
-kernel is called as the opaque operator ``fp8lm::cast_transpose_amax`` (the amax passes of current
-scaling stay Inductor's). On the H100 Inductor's own cast of the fused QKV projection's gradient ran
-at about a quarter of memory bandwidth (``benchmarks/RESULTS.md``): that is what this is meant to beat.
+Fused casts (CUDA runs with Triton; ``set_fused_cast``): each amax is one read-only Triton pass and
+each cast one pass that writes the FP8 tensor *and* its transpose (``fp8lm.ops.cast``), instead of
+about ten unfused elementwise passes with float32 temporaries plus the transposing copies ``fp8_mm``
+makes in backward. Backward then receives ``x_fp8`` and ``w_fp8`` as column-major views of the
+transposed copies (the layouts its GEMMs read), and ``grad_out``'s transpose comes from its cast.
+With a ready delayed scale (``fp8_scale``) the amax for the history comes from the cast's own pass,
+so each operand is read once. The bytes are identical to the plain path's (the kernels' test
+compares them with their twin bit for bit). Under ``torch.compile`` the plain path is traced and
+Inductor fuses it; a fused cast is called as the opaque operator ``fp8lm::cast_transpose_amax``
+(the amax passes of current scaling stay Inductor's).
+
+The default, ``"grad"``, fuses only the output gradients' casts in backward; the input and weight
+casts stay plain, where Inductor fuses them into the kernels that produce them (RMSNorm, SwiGLU).
+Measured on the H100 (``fp8lm bench``, compiled, delayed, ``benchmarks/RESULTS.md``): Inductor's own
+cast of the fused QKV projection's gradient (with the concatenation of dq, dk, dv and RoPE's
+backward) ran at about a quarter of memory bandwidth; the kernel casts every gradient at about
+2.8 TB/s, and the O1 step took 120.5 / 120.2 ms against 122.6 / 122.4 ms with plain casts in two
+runs. Fusing every cast (``True``) was slower, 130.5 / 130.2 ms.
 
 Scaling state lives in non-persistent buffers (``fp8_amax_history``, ``fp8_last_scale``): it moves
 with ``.to()`` but stays out of ``state_dict`` so converted and plain models share checkpoint keys.
@@ -83,30 +88,44 @@ _X, _W, _G = 0, 1, 2  # rows of the scaling-state buffers
 MASTERS = ("fp32", "fp16")
 WGRAD_FORMATS = tuple(FORMATS)
 DEFAULT_WGRAD_FORMAT = "e4m3"  # storage of FP8 weight gradients (module docstring: measured)
-_FUSED = {"cast": False}  # Triton amax/cast/transpose in eager CUDA runs: off until measured faster (set_fused_cast)
+FUSED_CAST_MODES = (False, True, "grad")
+_FUSED = {"cast": "grad"}  # Triton casts of output gradients (CUDA with Triton): measured faster, docstring
 
 
-def set_fused_cast(enabled: bool) -> bool:
-    """Turn the Triton fused casts (``fp8lm.ops.cast``) of CUDA runs on or off; returns the old setting.
+def set_fused_cast(mode: bool | str) -> bool | str:
+    """Choose which casts of CUDA runs take the Triton fused kernels (``fp8lm.ops.cast``); returns the old setting.
 
-    Either way the FP8 bytes, scales and outputs are bit-identical (the kernels' twin is the plain
-    path); only the number of passes over memory differs. Compiled code calls the cast kernel as
-    the opaque operator ``fp8lm::cast_transpose_amax`` (the amax passes stay Inductor's), and reads
-    the setting when it is compiled.
+    ``mode``: ``"grad"`` (the default: only the output gradients' casts in backward, whose transposed
+    copies the weight-gradient GEMM reads; the input and weight casts stay plain, where Inductor
+    fuses them into the kernels that produce them), True (every operand) or False (plain casts
+    only). CPU runs always take the plain casts. Either way the
+    FP8 bytes, scales and outputs are bit-identical (the kernels' twin is the plain path); only the
+    number of passes over memory differs. Compiled code calls the cast kernel as the opaque operator
+    ``fp8lm::cast_transpose_amax`` (the amax passes stay Inductor's), and reads the setting when it
+    is compiled.
     """
-    old, _FUSED["cast"] = _FUSED["cast"], bool(enabled)
+    if not any(mode is m or (isinstance(m, str) and mode == m) for m in FUSED_CAST_MODES):
+        raise ValueError(f"set_fused_cast: mode must be one of {FUSED_CAST_MODES}, got {mode!r}")
+    old, _FUSED["cast"] = _FUSED["cast"], mode
     return old
 
 
-def _fused(t: torch.Tensor) -> bool:
-    """Whether ``t`` (a ScaledTensor: its data) takes the Triton fused cast: on CUDA, with Triton, switched on."""
+def _fused(t: torch.Tensor, row: int) -> bool:
+    """Whether ``t`` (a ScaledTensor: its data), the operand of state row ``row``, takes the Triton
+    fused cast: on CUDA, with Triton, switched on for that operand."""
+    mode = _FUSED["cast"]
+    return bool(mode) and (mode is True or row == _G) and _fusable(t)
+
+
+def _fusable(t: torch.Tensor) -> bool:
+    """Whether the kernels can cast ``t`` (a ScaledTensor: its data): 2-D, on CUDA, with Triton."""
     t = t._data if isinstance(t, ScaledTensor) else t
-    return _FUSED["cast"] and t.is_cuda and t.dim() == 2 and triton_available(t.device)
+    return t.is_cuda and t.dim() == 2 and triton_available(t.device)
 
 
-def _fused_amax(t: torch.Tensor) -> bool:
+def _fused_amax(t: torch.Tensor, row: int) -> bool:
     """Whether ``t``'s amax takes the Triton kernel: the fused path, eager (compiled: Inductor's reduction)."""
-    return _fused(t) and not torch.compiler.is_compiling()
+    return _fused(t, row) and not torch.compiler.is_compiling()
 
 
 def _in_backward() -> bool:
@@ -202,10 +221,10 @@ class Float8Linear(nn.Linear):
             scale = scale_from_amax(history.amax(), fmt, r.margin, r.pow2_scales)
             if update:
                 if not amax_later:
-                    update_history(history, _amax(t))
+                    update_history(history, _amax(t, row))
                 self.fp8_last_scale[row].copy_(scale)
             return scale
-        amax_now = _amax(t)
+        amax_now = _amax(t, row)
         scale = compute_scale(amax_now, history, fmt, self.recipe)
         if update:
             if delayed:
@@ -243,21 +262,23 @@ class Float8Linear(nn.Linear):
         update_history(self.fp8_amax_history[row], amax_now)
 
 
-def _amax(t: torch.Tensor) -> torch.Tensor:
-    """amax of ``t``'s true values; for a ScaledTensor read from its narrow ``_data`` (exact)."""
+def _amax(t: torch.Tensor, row: int) -> torch.Tensor:
+    """amax of ``t``'s true values (the operand of state row ``row``); for a ScaledTensor read from
+    its narrow ``_data`` (exact)."""
     if isinstance(t, ScaledTensor):
-        return (fused_amax(t._data) if _fused_amax(t._data) else amax(t._data)) / t._scale
-    return fused_amax(t) if _fused_amax(t) else amax(t)
+        return (fused_amax(t._data) if _fused_amax(t._data, row) else amax(t._data)) / t._scale
+    return fused_amax(t) if _fused_amax(t, row) else amax(t)
 
 
-def _cast_pair(t: torch.Tensor, fmt: Format, scale: torch.Tensor, transpose: bool = True, with_amax: bool = False):
+def _cast_pair(t: torch.Tensor, row: int, fmt: Format, scale: torch.Tensor, transpose: bool = True,
+               with_amax: bool = False):
     """``(t_fp8, t_fp8_t, amax)``: the cast and, on the fused path, its transposed copy (with
     ``transpose``) and ``t``'s amax (with ``with_amax``) from the same pass; else None (``fp8_mm``
     transposes when it needs to). A ScaledTensor is read from ``_data`` (its power-of-two scale
     divides exactly, so the FP8 bits equal those of an FP32 weight holding the same values, and the
     amax that of those values)."""
     t_hp = t.dequantize() if isinstance(t, ScaledTensor) else t
-    if _fused(t_hp):
+    if _fused(t_hp, row):
         if torch.compiler.is_compiling():  # the kernel as one opaque operator (it always writes both)
             t_fp8, t_fp8_t, a = torch.ops.fp8lm.cast_transpose_amax(t_hp, scale, fmt.name)
             return t_fp8, (t_fp8_t if transpose else None), (a if with_amax else None)
@@ -271,9 +292,9 @@ def _cast_scaled(layer: "Float8Linear", row: int, t: torch.Tensor, fmt: Format, 
 
     On the fused path with a ready delayed scale, the amax for the history comes from the cast's own
     pass (one read of ``t`` instead of two); otherwise ``fp8_scale`` measures it first."""
-    later = update and ready and layer.recipe.scaling == "delayed" and _fused(t)
+    later = update and ready and layer.recipe.scaling == "delayed" and _fused(t, row)
     scale = layer.fp8_scale(row, t, fmt, update, recompute, ready, amax_later=later)
-    t_fp8, t_fp8_t, a = _cast_pair(t, fmt, scale, transpose, with_amax=later)
+    t_fp8, t_fp8_t, a = _cast_pair(t, row, fmt, scale, transpose, with_amax=later)
     if later:
         layer.push_amax(row, a)
     return t_fp8, t_fp8_t, scale

@@ -67,8 +67,17 @@ def check_scaled_mm_args(a, b, scale_a, scale_b, out_dtype) -> None:
         fail(f"out_dtype must be one of {_OUT_DTYPES}")
 
 
-@functools.lru_cache(maxsize=None)
+_CPU_PROBE: dict[str, bool] = {}  # the answer of _cpu_scaled_mm_works, computed once
+
+
+@torch.compiler.assume_constant_result  # compiled code reads the probe's answer, never traces it
 def _cpu_scaled_mm_works() -> bool:
+    if "ok" not in _CPU_PROBE:
+        _CPU_PROBE["ok"] = _probe_cpu_scaled_mm()
+    return _CPU_PROBE["ok"]
+
+
+def _probe_cpu_scaled_mm() -> bool:
     if torch.torch_version.TorchVersion(torch.__version__) < (2, 13):
         return False  # a slow reference kernel before 2.13 (see the module docstring)
     try:
@@ -123,7 +132,7 @@ def fp8_mm(a_fp8, a_inv_scale, b_fp8, b_inv_scale, out_dtype, emulate: bool = Fa
     if b_fp8.shape[0] != k:
         raise ScaledMMContractError(f"fp8_mm: inner dimensions differ: a {tuple(a_fp8.shape)}, b {tuple(b_fp8.shape)}")
     if emulate or not fp8_gemm_supported(a_fp8.device):
-        if not emulate:
+        if not emulate and not torch.compiler.is_compiling():  # (a traced warning breaks the graph)
             _warn_emulation(str(a_fp8.device))
         out = a_fp8.to(torch.bfloat16).float() @ b_fp8.to(torch.bfloat16).float()
         return (out * (a_inv_scale * b_inv_scale)).to(out_dtype)

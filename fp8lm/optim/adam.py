@@ -88,9 +88,21 @@ decoded to FP32 with ``p.dequantize()``, updated in FP32, and written back with
 updates below half an FP16 ulp survive in expectation); plain parameters are updated in
 place. ScaledTensor gradients are read from their ``_data`` / ``_scale`` chunk by chunk.
 
+The master's new power-of-two scale puts a value in ``(FP16_AMAX_TARGET / 2, FP16_AMAX_TARGET]`` =
+(128, 256], 2^8 below FP16's largest value. State "fp8" takes it from the new weights' amax (its
+pass 1 reduces the moments' amaxes anyway). State "fp32" (O1) takes it *before* the step, from a
+bound on the new amax: ``|w_new| <= |w| * |1 - lr wd| + lr * C_t``, with ``C_t`` the bound on
+``|m_hat| / sqrt(v_hat)`` of point 5 below (FP32 moments hold it up to rounding, covered by its
+2^-6 slack). So the fused step reads the old master's 2 bytes per element for its amax instead
+of a whole first pass (11 bytes: master, FP8 gradient, FP32 m and v). The bound is tight when the
+weights dominate ``lr * C_t`` and exact at step 1 from zero (Adam's first update is ``lr * sign(g)``);
+the stored amax then lands 0-4 binades below 256, never above it (``tests/test_optim.py``), which
+costs no precision (FP16's relative precision is the same across its normal range, and 2^-22 of
+the amax is still normal). Betas without a bound (``beta2 = 0 < beta1``) take the new amax.
+
 Fused step: on CUDA (with Triton) each parameter's step runs as one or two Triton kernels
-(``fp8lm.optim.fused``: pass 1 reduces the amaxes the new scales need, pass 2 recomputes,
-encodes and stores) instead of 15-40 torch ops; the plain-torch code below is its reference (the
+(``fp8lm.optim.fused``: pass 1 reduces the amaxes the new scales need, or for an O1 master only
+the old master's amax; pass 2 recomputes, encodes and stores) instead of 15-40 torch ops; the plain-torch code below is its reference (the
 twin) and the CPU path. ``fused=None`` (default) takes it wherever it applies (``fp8lm.optim.set_fused_step(False)``
 turns that off; it is on since the kernels ran on the H100 against their twin and measured 9-21x
 faster, ``benchmarks/RESULTS.md``): a CUDA parameter
@@ -120,7 +132,7 @@ from fp8lm import formats
 from fp8lm.formats import E4M3, Format
 
 from fp8lm.optim import fused as _fused
-from fp8lm.tensor import is_scaled, round_stochastic
+from fp8lm.tensor import FP16_AMAX_TARGET, ScaledTensor, _pow2_scale, is_scaled, round_stochastic
 
 __all__ = ["AdamW", "FP16", "STATES", "M_SCALINGS", "V_STORAGES", "ROUNDINGS"]
 
@@ -214,6 +226,28 @@ def _update_bound(beta1: float, beta2: float, step: int) -> tuple[float, float]:
     raw = (1.0 - beta1) * math.sqrt(s_t / (1.0 - beta2))
     hat = raw * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
     return raw * _SLACK, hat * _SLACK
+
+
+def master_bound_args(lr: float, wd: float, beta1: float, beta2: float, step: int,
+                      decoupled: bool) -> tuple[float, float] | None:
+    """``(|decay|, lr * bound)`` for the FP32-state master scale (module docstring), None when unbounded."""
+    hat = _update_bound(beta1, beta2, step)[1]
+    if not math.isfinite(hat):
+        return None
+    return abs(1 - lr * wd) if (decoupled and wd != 0) else 1.0, lr * hat
+
+
+def _master_scale_from_bound(p, lr: float, wd: float, beta1: float, beta2: float, step: int,
+                             group: dict) -> torch.Tensor | None:
+    """The new scale of FP16 master ``p`` before its FP32-state step: ``_pow2_scale`` of a bound on
+    the new amax, ``amax(old) * |decay| + lr * bound`` (None when the betas give no bound: the
+    scale then comes from the new weights' amax)."""
+    args = master_bound_args(lr, wd, beta1, beta2, step, group["decoupled"])
+    if args is None or type(p) is not ScaledTensor:  # FSDP2's masters take a global amax on write-back
+        return None
+    decay_abs, lr_bound = args
+    amax_old = p._data.abs().amax().float() / p._scale
+    return _pow2_scale(amax_old * decay_abs + lr_bound, FP16_AMAX_TARGET)
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,10 +453,13 @@ class AdamW(torch.optim.Optimizer):
             else:
                 self._init_fp8_state(p, group)
         scalars = self._begin(p, group)
-        bounds = _update_bound(scalars[1], scalars[2], scalars[5]) if group["state"] == "fp8" else None
+        lr, beta1, beta2, _, wd, step = scalars
+        bounds = _update_bound(beta1, beta2, step) if group["state"] == "fp8" else None
+        master_bound = (master_bound_args(lr, wd, beta1, beta2, step, group["decoupled"])
+                        if group["state"] == "fp32" and type(p) is ScaledTensor else None)
         # one Philox seed per parameter and step, from the CPU generator (saved in state_dict())
         seed = int(torch.randint(0, 2**31 - 1, (), generator=self.generator_for("cpu")))
-        _fused.fused_step(p, state, group, scalars, seed, self._scratch(p.device), bounds)
+        _fused.fused_step(p, state, group, scalars, seed, self._scratch(p.device), bounds, master_bound)
 
     def _grad_hp(self, p: torch.Tensor) -> torch.Tensor:
         """The gradient as a plain tensor (dequantized when it is a ScaledTensor)."""
@@ -436,11 +473,14 @@ class AdamW(torch.optim.Optimizer):
         return (_to_float(group["lr"], "lr"), beta1, beta2, _to_float(group["eps"], "eps"),
                 _to_float(group["weight_decay"], "weight_decay"), int(step_t.item()))
 
-    def _write_back(self, p: torch.Tensor, w_hp: torch.Tensor, group: dict) -> None:
-        """Store the FP32 result ``w_hp`` into ``p`` (ScaledTensors: the group's ``master_rounding``)."""
+    def _write_back(self, p: torch.Tensor, w_hp: torch.Tensor, group: dict, scale: torch.Tensor | None = None) -> None:
+        """Store the FP32 result ``w_hp`` into ``p`` (ScaledTensors: the group's ``master_rounding``,
+        the scale from ``w_hp``'s amax or ``scale`` when given)."""
         if is_scaled(p):
             stochastic = group.get("master_rounding", "stochastic") == "stochastic"
-            p.assign_hp_(w_hp, stochastic=stochastic, generator=self.generator_for(p.device) if stochastic else None)
+            gen = self.generator_for(p.device) if stochastic else None
+            extra = {} if scale is None else {"scale": scale}
+            p.assign_hp_(w_hp, stochastic=stochastic, generator=gen, **extra)
         elif w_hp is not p:
             p.copy_(w_hp)
 
@@ -459,6 +499,7 @@ class AdamW(torch.optim.Optimizer):
             else:
                 grad = grad.add(w, alpha=wd)
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        w_scale = _master_scale_from_bound(p, lr, wd, beta1, beta2, step, group) if scaled else None
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         step_size = lr / (1 - beta1**step)
@@ -466,7 +507,7 @@ class AdamW(torch.optim.Optimizer):
         denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
         w.addcdiv_(exp_avg, denom, value=-step_size)
         if scaled:
-            self._write_back(p, w, group)
+            self._write_back(p, w, group, w_scale)
 
     def _init_fp32_state(self, p: torch.Tensor) -> None:
         """Zero FP32 m and v shaped like ``p`` (its layout for plain parameters, as torch)."""

@@ -17,11 +17,16 @@ Passes, per parameter (flattened, contiguous):
   device from ``scratch`` (no host sync), encode and store: FP16 ``r`` (``exp_avg_sq``), E4M3
   ``q = m / r_stored`` (``exp_avg``, ``r_stored`` the FP16 value just stored, decoded), the new
   weight (FP16 master ``_data`` or the FP32 parameter in place), and the new scales.
-  State "fp32" (level O1): m and v are FP32 tensors updated in place; only a master needs pass 1
-  (its new scale depends on amax(|w_new|)); a plain FP32 parameter takes pass 2 alone.
+  State "fp32" (level O1): m and v are FP32 tensors updated in place; a plain FP32 parameter
+  takes pass 2 alone. A master's new scale comes from a bound on its new amax (``adam.py``,
+  "Master weights"), so instead of pass 1 a small kernel reduces the *old* master's amax (reading
+  its 2-byte ``_data``) and pass 2 computes the scale from it; only betas without a bound take
+  pass 1.
 
 Bytes per element (level O2, FP16 master, FP8 gradient): pass 1 reads 6, pass 2 reads 6 and
 writes 5, so 17 in all (the plain path moves about ten FP32 temporaries per element per op).
+Level O1 (FP16 master, FP8 gradient, FP32 m and v): the amax reads 2, pass 2 reads 11 and writes
+10, so 23 (32 with a pass 1).
 
 Numerics, against the plain path:
 
@@ -325,14 +330,26 @@ if triton is not None:
                 tl.store(v_scale_ptr, v_scale)
                 tl.store(m_scale_ptr, m_scale)
 
+    @triton.jit
+    def _master_amax_kernel(w_ptr, w_scale_ptr, scratch_ptr, n, BLOCK: tl.constexpr):
+        """The old master's amax of ``_data`` into slot _W (NaN counted apart); program 0 keeps the old scale."""
+        pid = tl.program_id(0)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        _amax_into(scratch_ptr, _W, tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32), mask)
+        if pid == 0:
+            tl.store(scratch_ptr + _OLD + _W, tl.load(w_scale_ptr))
+
     @triton.jit(do_not_specialize=["seed"])
     def _fp32_state_kernel(w_ptr, w_scale_ptr, g_ptr, g_scale_ptr, m_ptr, v_ptr, scratch_ptr, n, seed, decay,
-                           l2, lerp_w, beta2, one_minus_b2, neg_step_size, bc2, eps, PASS2: tl.constexpr,
+                           l2, lerp_w, beta2, one_minus_b2, neg_step_size, bc2, eps, decay_abs, lr_bound,
+                           PASS2: tl.constexpr, BOUND: tl.constexpr,
                            MASTER: tl.constexpr, GRAD_SCALED: tl.constexpr, GRAD_E4M3: tl.constexpr,
                            HAS_DECAY: tl.constexpr, HAS_L2: tl.constexpr, LERP_SMALL: tl.constexpr,
                            BC2_RECIP: tl.constexpr, CPU_ORDER: tl.constexpr,
                            STOCH_W: tl.constexpr, BLOCK: tl.constexpr):
-        """FP32 m and v (torch's op sequence): pass 1 (master amax only) or pass 2 (store)."""
+        """FP32 m and v (torch's op sequence): pass 1 (master amax only) or pass 2 (store). With
+        BOUND the master's new scale comes from the old amax (``_master_amax_kernel``) and a bound."""
         pid = tl.program_id(0)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
@@ -354,7 +371,11 @@ if triton is not None:
             tl.store(m_ptr + offs, m, mask=mask)
             tl.store(v_ptr + offs, v, mask=mask)
             if MASTER:
-                w_scale = _master_scale(_amax_from(scratch_ptr, _W), _TARGET)
+                if BOUND:  # adam._master_scale_from_bound: amax(old) * |decay| + lr * bound
+                    amax_old = _div_by_scale(_amax_from(scratch_ptr, _W), w_scale_old)
+                    w_scale = _master_scale(amax_old * decay_abs + lr_bound, _TARGET)
+                else:
+                    w_scale = _master_scale(_amax_from(scratch_ptr, _W), _TARGET)
                 u_w = tl.rand(seed, offs)
                 tl.store(w_ptr + offs, _encode_fp16_master(w_new, w_scale, u_w, STOCH_W), mask=mask)
                 if pid == 0:
@@ -424,12 +445,13 @@ def _launch_options(p: torch.Tensor) -> tuple[int, dict]:
 
 
 def fused_step(p: torch.Tensor, state: dict, group: dict, scalars: tuple, seed: int, scratch: torch.Tensor,
-               bounds: tuple[float, float] | None = None) -> None:
+               bounds: tuple[float, float] | None = None, master_bound: tuple[float, float] | None = None) -> None:
     """One fused AdamW step of ``p`` (state already initialized; ``step`` already advanced).
 
     ``scalars`` is ``_begin``'s (lr, beta1, beta2, eps, wd, step); ``scratch`` a zeroed float32
     device tensor of ``SCRATCH_SLOTS`` elements used by this parameter only; ``bounds`` the FP8
-    state's (bound_q, bound_update) from ``adam._update_bound``.
+    state's (bound_q, bound_update) from ``adam._update_bound``; ``master_bound`` the FP32 state's
+    ``(|decay|, lr * bound)`` for an FP16 master (``adam.master_bound_args``; None: pass 1 instead).
     """
     lr, beta1, beta2, eps, wd, step = scalars
     args, flags = _common_args(p, group, lr, beta1, beta2, eps, wd, step)
@@ -449,8 +471,13 @@ def fused_step(p: torch.Tensor, state: dict, group: dict, scalars: tuple, seed: 
                  STOCH_W=group["master_rounding"] == "stochastic", BLOCK=block)
     if group["state"] == "fp32":
         tensors = (w, w_scale, g_data, g_scale, state["exp_avg"], state["exp_avg_sq"], scratch, n, seed)
-        for pass2 in ((False, True) if master else (True,)):
-            _fp32_state_kernel[grid](*tensors, **args, PASS2=pass2, **flags, **options)
+        bound = master_bound if master else None
+        decay_abs, lr_bound = bound or (1.0, 0.0)
+        if bound is not None:  # the old amax (2 bytes per element) instead of pass 1 (11)
+            _master_amax_kernel[grid](w, w_scale, scratch, n, BLOCK=block, **options)
+        for pass2 in ((False, True) if master and bound is None else (True,)):
+            _fp32_state_kernel[grid](*tensors, **args, decay_abs=decay_abs, lr_bound=lr_bound, PASS2=pass2,
+                                     BOUND=bound is not None, **flags, **options)
         return
     bound_q, bound_update = bounds
     tensors = (w, w_scale, g_data, g_scale, state["exp_avg"].view(torch.uint8), state["exp_avg_scale"],

@@ -16,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from fp8lm.bench import BenchConfig, _build
 from fp8lm.nn.linear import set_fused_cast
+from fp8lm.optim import clip_grad_norm_
 
 
 def phases(model, optimizer, x, y, steps: int = 5) -> dict:
@@ -28,7 +29,7 @@ def phases(model, optimizer, x, y, steps: int = 5) -> dict:
         _, loss = model(x, y)
         loss.backward()
         ev[1].record()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        clip_grad_norm_(params, 1.0)
         ev[2].record()
         optimizer.step()
         ev[3].record()
@@ -63,7 +64,7 @@ def main() -> None:
             for _ in range(2):
                 _, loss = model(x, y)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             torch.cuda.synchronize()

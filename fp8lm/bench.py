@@ -29,7 +29,8 @@ same for every column, and ratios are taken inside the run.
 
   Gradients come from ``torch.autograd.grad`` (no accumulation into ``.grad`` between repeats).
 * Step level: a full training step of a preset (``llama-0.75b`` on GPUs: batch 8 x 2048 tokens)
-  at each level: forward, backward, ``clip_grad_norm_(1.0)``, optimizer step, ``zero_grad``.
+  at each level: forward, backward, ``fp8lm.optim.clip_grad_norm_(1.0)`` (torch's own for plain
+  gradients, as at O0 and torchao), optimizer step, ``zero_grad``.
   Where Triton runs on CUDA, O1 and O2 fuse the output gradients' casts (the default,
   ``set_fused_cast("grad")``), and two more rows show the alternatives: ``O1 plain`` (no fused
   casts, ``set_fused_cast(False)``) and ``O1 triton`` (every cast fused, ``set_fused_cast(True)``);
@@ -64,6 +65,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+
+from fp8lm.optim import clip_grad_norm_
 
 __all__ = ["BenchConfig", "run_bench", "format_tables", "GEMM_SHAPES", "H100_BF16_DENSE_PEAK_TFLOPS"]
 
@@ -406,7 +409,7 @@ def _step_fn(model, optimizer, x, y, marks: list | None):
         loss.backward()
         if ev:
             ev[1].record()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if ev:

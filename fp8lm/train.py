@@ -7,7 +7,7 @@ What a step does:
     x, y = sampler.next()                      # (B, T) random windows, the sampler's own RNG
     logits, loss = model(x, y)                 # fp8lm.initialize put the model at `level`
     loss.backward()                            # (no torch.autocast here: the model applies it)
-    clip_grad_norm_(params, grad_clip)
+    clip_grad_norm_(params, grad_clip)         # fp8lm.optim's: torch's, FP8 gradients without per-tensor Python
     optimizer.step()                           # AdamW, warmup + cosine learning rate
 
 A step whose loss or gradient norm is not finite is skipped (gradients zeroed, counted in
@@ -58,6 +58,7 @@ from fp8lm import models
 from fp8lm import distributed as fp8dist
 from fp8lm.distributed import launch as dist_launch
 from fp8lm.models import PRESETS
+from fp8lm.optim import clip_grad_norm_
 
 # Training defaults per preset. `warmup` is capped at a tenth of the run when not set explicitly.
 PRESET_TRAINING = {
@@ -433,7 +434,7 @@ def train_step(model, optimizer, sampler, lr: float, grad_clip: float, on_grads=
     if on_grads is not None:
         on_grads()
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     loss_value = fp8dist.mean_over_ranks(loss.detach()) if fp8dist.grad_sync(model) else loss.item()  # global mean
     ok = math.isfinite(loss_value) and bool(torch.isfinite(grad_norm))
     if ok:

@@ -98,13 +98,12 @@ def set_fused_cast(mode: bool | str) -> bool | str:
     ``mode``: ``"grad"`` (the default: only the output gradients' casts in backward, whose transposed
     copies the weight-gradient GEMM reads; the input and weight casts stay plain, where Inductor
     fuses them into the kernels that produce them), True (every operand) or False (plain casts
-    only). CPU runs always take the plain casts. Either way the
-    FP8 bytes, scales and outputs are bit-identical (the kernels' twin is the plain path); only the
-    number of passes over memory differs. Compiled code calls the cast kernel as the opaque operator
-    ``fp8lm::cast_transpose_amax`` (the amax passes stay Inductor's), and reads the setting when it
-    is compiled.
+    only). CPU runs always take the plain casts. Either way the FP8 bytes, scales and outputs are
+    bit-identical (the kernels' twin is the plain path); only the number of passes over memory
+    differs. Compiled code calls the cast kernel as the opaque operator ``fp8lm::cast_transpose_amax``
+    (the amax passes stay Inductor's), and reads the setting when it is compiled.
     """
-    if not any(mode is m or (isinstance(m, str) and mode == m) for m in FUSED_CAST_MODES):
+    if not (mode is True or mode is False or mode == "grad"):
         raise ValueError(f"set_fused_cast: mode must be one of {FUSED_CAST_MODES}, got {mode!r}")
     old, _FUSED["cast"] = _FUSED["cast"], mode
     return old

@@ -1,9 +1,9 @@
 """Where a step's GPU time goes (a GPU debugging aid): torch.profiler over compiled llama-0.75b steps.
 
-Usage: python benchmarks/profile_step.py [LEVEL ...] [--recipe=NAME] [--rows=N]
-(default O1, recipe current, 25 kernel rows).
+Usage: python benchmarks/profile_step.py [LEVEL ...] [--recipe=NAME] [--rows=N] [--width=N]
+(default O1, recipe current, 25 kernel rows, kernel names cut at 90 characters).
 A LEVEL ending in "-triton" (O1-triton) runs with every cast of Float8Linear fused (Triton),
-"-plain" (O1-plain) with none, "-tgrad" with only the output gradients' casts fused (the default).
+"-plain" (O1-plain, the default) with none, "-tgrad" with only the output gradients' casts fused.
 Prints, per level, the median
 time of each phase (forward+backward, clip_grad_norm_, optimizer.step, zero_grad; CUDA events) and
 the top CUDA kernels of two profiled steps.
@@ -44,11 +44,12 @@ def phases(model, optimizer, x, y, steps: int = 5) -> dict:
 def main() -> None:
     recipe = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--recipe=")), "current")
     rows = int(next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--rows=")), "25"))
+    width = int(next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--width=")), "90"))
     levels = [a for a in sys.argv[1:] if not a.startswith("--")] or ["O1"]
     for level in levels:
         torch._dynamo.reset()
         base, _, fused = level.partition("-")
-        set_fused_cast({"": "grad", "tgrad": "grad", "plain": False, "triton": True}[fused])
+        set_fused_cast({"": False, "tgrad": "grad", "plain": False, "triton": True}[fused])
         cfg = BenchConfig(device="cuda", preset="llama-0.75b", batch_size=8, seq_len=2048, recipe=recipe)
         model, optimizer = _build(cfg, base)
         for block in model.layers:
@@ -68,7 +69,7 @@ def main() -> None:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=90), flush=True)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=width), flush=True)
         del model, optimizer
 
 

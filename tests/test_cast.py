@@ -71,6 +71,28 @@ def test_cpu_runs_the_twin(seed):
     assert torch.equal(fused_amax(x), amax(x))
 
 
+def _master(m, n, device):
+    """An FP16 ScaledTensor master with heavy-tailed values (the weights' storage at O1/O2)."""
+    from fp8lm.tensor import ScaledTensor
+    return ScaledTensor.from_hp(_input(m, n, torch.float32, device, specials=False), torch.float16)
+
+
+def test_in_scale_casts_the_dequantized_values(seed):
+    """``in_scale``: the FP16 data of a ScaledTensor is cast as ``dequantize()`` gives it (pow2 and not)."""
+    w = _master(37, 100, "cpu")
+    for in_scale in (w._scale, w._scale * 3.0):
+        w_hp = w._data.float() / in_scale
+        for fmt in (E4M3, E5M2):
+            scale = scale_from_amax(amax(w_hp), fmt)
+            got = fused_cast(w._data, fmt, scale, transpose=True, with_amax=True, in_scale=in_scale)
+            ref = cast_reference(w_hp, fmt, scale, transpose=True, with_amax=True)
+            _same_bits(got[0], ref[0])
+            _same_bits(got[1], ref[1])
+            assert torch.equal(got[2], ref[2])
+    with pytest.raises(ValueError, match="in_scale must have one element"):
+        fused_cast(w._data, E4M3, torch.ones(()), in_scale=torch.ones(2))
+
+
 TRITON_ON_CPU = pytest.param("triton on cpu", marks=pytest.mark.skipif(INTERPRET, reason="the interpreter runs it"))
 
 
@@ -233,6 +255,51 @@ def test_float8_linear_fused_wiring_on_cpu(monkeypatch, compiled, mode, seed):
         assert torch.equal(a, b), f"step {i // 5}, output {i % 5}"
 
 
+@needs_triton
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=["e4m3", "e5m2"])
+def test_triton_cast_of_fp16_master_matches_twin(shape, fmt, seed):
+    """The kernel reading an FP16 master's data and dividing by its scale: every byte and the amax."""
+    w = _master(*shape, "cuda")
+    for in_scale in (w._scale, w._scale * 3.0):  # a master's power of two, and not one
+        w_hp = w._data.float() / in_scale
+        for scale in (scale_from_amax(amax(w_hp), fmt), scale_from_amax(amax(w_hp), fmt) * 64):
+            ref = cast_reference(w_hp, fmt, scale, transpose=True, with_amax=True)
+            got = fused_cast(w._data, fmt, scale, transpose=True, with_amax=True, backend="triton",
+                             in_scale=in_scale)
+            _same_bits(got[0], ref[0])
+            _same_bits(got[1], ref[1])
+            assert torch.equal(got[2], ref[2])
+
+
+@pytest.mark.parametrize("shape", [(37, 100), (300, 129), (0, 5)])
+def test_transpose_fp8_is_a_transposed_copy(shape, seed):
+    """The byte transpose (Triton on CUDA, else torch) gives ``t().contiguous()``'s bytes; compiled too."""
+    from fp8lm.ops.cast import transpose_fp8
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and triton_available("cuda") else [])
+    for device in devices:
+        for fmt in (E4M3, E5M2):
+            x = quantize(_input(*shape, torch.float32, device, specials=False) if shape[0] else
+                         torch.zeros(shape, device=device), fmt, torch.tensor(8.0, device=device))
+            ref = x.t().contiguous()
+            for fn in (transpose_fp8, torch.compile(lambda t: torch.ops.fp8lm.transpose_fp8(t), backend="aot_eager")):
+                got = fn(x)
+                assert got.shape == ref.shape and got.is_contiguous()
+                assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8))
+    with pytest.raises(ValueError, match="2-D 1-byte"):
+        transpose_fp8(torch.zeros(4, 4))
+
+
+@needs_interpreter
+def test_interpreter_transpose_kernel(seed):
+    """The byte-transpose kernel under Triton's interpreter: tiles, edges and masks at odd sizes."""
+    from fp8lm.ops.cast import _transpose_kernel
+    x = torch.randint(0, 256, (300, 129), dtype=torch.uint8)
+    out = torch.empty(129, 300, dtype=torch.uint8)
+    _transpose_kernel[(3, 2)](x, out, 300, 129, BLOCK=128)
+    assert torch.equal(out, x.t().contiguous())
+
+
 @needs_interpreter
 @pytest.mark.parametrize("shape", [(37, 100), (130, 65), (200, 129)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -273,6 +340,14 @@ def test_interpreter_kernels_match_oracle(shape, dtype, seed):
                 _same_bits(x_fp8, ref)
                 _same_bits(x_fp8_t, ref.t().contiguous())
                 assert a.isnan()
+    w = _master(m, n, "cpu")  # an FP16 master's data divided by its scale inside the kernel
+    scale = torch.tensor(3.0)
+    x_fp8, x_fp8_t, a = fused_cast(w._data, E4M3, scale, transpose=True, with_amax=True, backend="triton",
+                                   in_scale=w._scale)
+    ref = oracle(w.dequantize(), E4M3, scale)
+    _same_bits(x_fp8, ref)
+    _same_bits(x_fp8_t, ref.t().contiguous())
+    assert torch.equal(a, amax(w.dequantize()))
     x_fin = torch.where(x.isfinite(), x, torch.ones_like(x))
     for t in (x_fin, x_fin.t()):
         assert torch.equal(fused_amax(t, backend="triton"), amax(t))

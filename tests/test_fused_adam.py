@@ -380,6 +380,48 @@ def test_interpreter_fused_and_plain_resume_each_other(seed):
     op.step()
 
 
+def _cached_master_amax(device: str, shape) -> None:
+    """O1 masters: from step 2 on the old amax comes from the previous step's pass 2 (no amax kernel), bit
+    for bit what the amax kernel gives; a write to the master between steps is seen, never a stale amax."""
+    from fp8lm.optim import fused as fused_mod
+    launches = []
+    real = fused_mod._master_amax_kernel
+
+    class Counted:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    runs = [_make("fp32", True, shape, device, True, "nearest") for _ in range(2)]
+    _copy_param(runs[1][0], runs[0][0])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused_mod, "_master_amax_kernel", Counted())
+        for step in range(4):
+            g = _grad(shape, device, step)
+            if step == 2:  # a write between steps (a checkpoint load, a user's in-place op) on both
+                for p, _ in runs:
+                    with torch.no_grad():
+                        p.mul_(2.0)
+            for i, (p, opt) in enumerate(runs):
+                _set_grad(p, g, True)
+                if i == 1:  # the second run never reuses anything
+                    opt._master_cache.clear() if hasattr(opt, "_master_cache") else None
+                before = len(launches)
+                opt.step()
+                hit = len(launches) == before
+                assert hit == (i == 0 and step in (1, 3)), f"run {i} step {step}: amax kernel launched: {not hit}"
+            (pa, oa), (pb, ob) = runs
+            assert torch.equal(pa._scale, pb._scale) and torch.equal(pa._data, pb._data), f"step {step}"
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(oa.state[pa][key], ob.state[pb][key]), key
+
+
+@needs_interpreter
+def test_interpreter_cached_master_amax():
+    torch.manual_seed(0)
+    _cached_master_amax("cpu", (37, 53))
+
+
 # ---- GPU -----------------------------------------------------------------------------------------
 
 
@@ -405,6 +447,12 @@ def test_gpu_stochastic_neighbours_and_unbiased(state, master, seed):
     if master:
         ex, ref, results = _stochastic_step(state, master, (4096,), "cuda", seeds=256)
         _check_unbiased([pf._data for pf, _ in results], ex["w_new"] * results[0][0]._scale, "master")
+
+
+@needs_triton
+def test_gpu_cached_master_amax():
+    torch.manual_seed(0)
+    _cached_master_amax("cuda", (2048, 5632))
 
 
 @needs_triton

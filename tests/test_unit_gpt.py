@@ -282,24 +282,27 @@ def test_fp8_operands_are_unit_under_static_recipe(seed, text_batch):
 def test_static_recipe_computes_no_amax(seed):
     """The FP8 GEMM casts of a static step, forward and backward, compute no amax.
 
-    Counted through the only routes a cast's scale has to an amax (``formats.amax`` and the
-    name ``Float8Linear`` calls). The O1 FP8 weight-gradient *storage* picks its own power-of-two
-    scale from each gradient's amax (``fp8lm.tensor``); that is not a GEMM cast and not counted.
+    Counted through the only routes a cast's scale has to an amax (``formats.amax``, and the
+    names ``Float8Linear`` calls: ``amax`` and ``_amax_by_rows``). The O1 FP8 weight-gradient
+    *storage* picks its own power-of-two scale from each gradient's amax (``fp8lm.tensor``); that is
+    not a GEMM cast and not counted.
     """
+    import fp8lm.nn.linear as linear_mod
     model = build_model("unit-tiny", 256, **SMALL)
     model, _ = fp8lm.initialize(model, level="O1", recipe="static", verbose=False)
     assert fp8lm.conversion_report(model).fp8_layers
     idx = torch.randint(0, 256, (2, 40))
-    real_amax = fp8lm.formats.amax
+    real_amax, real_rows = fp8lm.formats.amax, linear_mod._amax_by_rows
     with mock.patch("fp8lm.formats.amax", side_effect=real_amax) as fa, \
-            mock.patch("fp8lm.nn.linear.amax", side_effect=real_amax) as la:
+            mock.patch("fp8lm.nn.linear.amax", side_effect=real_amax) as la, \
+            mock.patch("fp8lm.nn.linear._amax_by_rows", side_effect=real_rows) as lr:
         model(idx, idx.roll(-1, 1))[1].backward()
-    assert fa.call_count == 0 and la.call_count == 0
-    # the same step under the current recipe does compute them (the patch would see it)
+    assert fa.call_count == 0 and la.call_count == 0 and lr.call_count == 0
+    # the same step under the current recipe does compute them (the patches would see it)
     model2, _ = fp8lm.initialize(build_model("unit-tiny", 256, **SMALL), level="O1", recipe="current", verbose=False)
-    with mock.patch("fp8lm.nn.linear.amax", side_effect=real_amax) as la:
+    with mock.patch("fp8lm.nn.linear._amax_by_rows", side_effect=real_rows) as lr:
         model2(idx, idx.roll(-1, 1))[1].backward()
-    assert la.call_count > 0
+    assert lr.call_count > 0
 
 
 def test_static_warns_on_models_that_are_not_unit_scaled():

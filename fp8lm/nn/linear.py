@@ -35,13 +35,18 @@ compares them with their twin bit for bit). Under ``torch.compile`` the plain pa
 Inductor fuses it; a fused cast is called as the opaque operator ``fp8lm::cast_transpose_amax``
 (the amax passes of current scaling stay Inductor's).
 
-The default, ``"grad"``, fuses only the output gradients' casts in backward; the input and weight
-casts stay plain, where Inductor fuses them into the kernels that produce them (RMSNorm, SwiGLU).
-Measured on the H100 (``fp8lm bench``, compiled, delayed, ``benchmarks/RESULTS.md``): Inductor's own
-cast of the fused QKV projection's gradient (with the concatenation of dq, dk, dv and RoPE's
-backward) ran at about a quarter of memory bandwidth; the kernel casts every gradient at about
-2.8 TB/s, and the O1 step took 120.5 / 120.2 ms against 122.6 / 122.4 ms with plain casts in two
-runs. Fusing every cast (``True``) was slower, 130.5 / 130.2 ms.
+The default is the plain path everywhere (``set_fused_cast(False)``): under ``torch.compile`` Inductor
+fuses each cast, and the amax its delayed history needs, into the kernel that produces the operand
+(RMSNorm, SwiGLU and their backward passes, the concatenation of dq, dk, dv). Two details make that
+work. The amax is a max of row maxima (``_amax_by_rows``, the same number), a reduction over the cast's
+own (M, N) loop that Inductor computes inside the cast's kernel; a whole-tensor amax ran as a second
+pass over the producer's inputs. The transposed copies the weight-gradient GEMM reads come from
+``fp8lm.ops.cast.transpose_fp8``, an operator of its own; written from inside Inductor's kernel, they
+slowed it to about half of memory bandwidth. Measured on the H100 (``fp8lm bench``, compiled, delayed,
+``benchmarks/RESULTS.md``, fourth session of 2026-11-23), ms per O1 step: plain casts with
+whole-tensor amaxes 117.2, with row maxima 110.5, with the transpose operator 109.3; in the same run
+``"grad"`` (the output gradients' casts in the Triton kernel, the earlier default) 110.9 and ``True``
+(every cast in the kernel) 118.9.
 
 Scaling state lives in non-persistent buffers (``fp8_amax_history``, ``fp8_last_scale``): it moves
 with ``.to()`` but stays out of ``state_dict`` so converted and plain models share checkpoint keys.
@@ -52,9 +57,14 @@ The weight becomes an ``nn.Parameter`` holding a ``fp8lm.tensor.ScaledTensor``: 
 power-of-two ``_scale`` (2 bytes per parameter; no FP32 copy is kept). The forward casts it to E4M3
 from ``_data``: ``w_fp8 = cast((_data / _scale) * s_w)``, where the division by a power of two is
 exact, so the FP8 bits are those an FP32 weight with the same values would give (a transient FP32
-buffer inside the cast, as for any weight); its amax is ``amax(_data) / _scale``, also exact. The weight-gradient GEMM's float32 output lives only inside backward: it is cast at
-once to FP8 with a power-of-two scale from its own amax and returned as a ``ScaledTensor`` (1 byte per
-parameter + a 4-byte scale), which autograd stores in ``weight.grad``.
+buffer inside the cast, as for any weight); its amax is ``amax(_data) / _scale``, also exact. The
+weight-gradient GEMM writes BF16 (float32 accumulation, 8 significant bits out), which lives only
+inside backward: it is cast at once to FP8 with a power-of-two scale from its own amax and returned
+as a ``ScaledTensor`` (1 byte per parameter + a 4-byte scale), which autograd stores in
+``weight.grad``. BF16 rather than float32 halves the bytes the GEMM writes and the amax and cast
+read (measured on the H100, ``benchmarks/kernel_sweep.py``: 87 us less per llama-0.75b layer for
+GEMM + encoding); rounding twice (BF16, then E4M3 or E5M2) moves a value by at most 2^-9 of itself
+beyond the FP8 rounding, against FP8's own 2^-4 (E4M3) or 2^-3 (E5M2).
 
 Stored gradient format: ``wgrad_format`` (default ``"e4m3"``), measured with
 ``benchmarks/o1_numerics.py`` (numbers in ``benchmarks/RESULTS.md``). On the 16 FP8 layers' weight
@@ -77,7 +87,7 @@ import torch
 from torch import nn
 
 from fp8lm.formats import FORMATS, Format, amax, quantize, scale_from_amax
-from fp8lm.ops.cast import fused_amax, fused_cast, triton_available
+from fp8lm.ops.cast import fused_amax, fused_cast, transpose_fp8, triton_available
 from fp8lm.ops.gemm import fp8_mm
 from fp8lm.scaling import Recipe, compute_scale, static_scale, update_history
 from fp8lm.tensor import ScaledTensor
@@ -89,16 +99,16 @@ MASTERS = ("fp32", "fp16")
 WGRAD_FORMATS = tuple(FORMATS)
 DEFAULT_WGRAD_FORMAT = "e4m3"  # storage of FP8 weight gradients (module docstring: measured)
 FUSED_CAST_MODES = (False, True, "grad")
-_FUSED = {"cast": "grad"}  # Triton casts of output gradients (CUDA with Triton): measured faster, docstring
+_FUSED = {"cast": False}  # plain casts, compiled by Inductor into their producers: measured fastest, docstring
 
 
 def set_fused_cast(mode: bool | str) -> bool | str:
     """Choose which casts of CUDA runs take the Triton fused kernels (``fp8lm.ops.cast``); returns the old setting.
 
-    ``mode``: ``"grad"`` (the default: only the output gradients' casts in backward, whose transposed
-    copies the weight-gradient GEMM reads; the input and weight casts stay plain, where Inductor
-    fuses them into the kernels that produce them), True (every operand) or False (plain casts
-    only). CPU runs always take the plain casts. Either way the FP8 bytes, scales and outputs are
+    ``mode``: False (the default: plain casts, which Inductor fuses into the kernels that produce
+    their operands; module docstring), ``"grad"`` (the output gradients' casts in backward, whose
+    transposed copies the weight-gradient GEMM reads, take the kernel) or True (every operand).
+    CPU runs always take the plain casts. Either way the FP8 bytes, scales and outputs are
     bit-identical (the kernels' twin is the plain path); only the number of passes over memory
     differs. Compiled code calls the cast kernel as the opaque operator ``fp8lm::cast_transpose_amax``
     (the amax passes stay Inductor's), and reads the setting when it is compiled.
@@ -114,6 +124,11 @@ def _fused(t: torch.Tensor, row: int) -> bool:
     fused cast: on CUDA, with Triton, switched on for that operand."""
     mode = _FUSED["cast"]
     return bool(mode) and (mode is True or row == _G) and _fusable(t)
+
+
+def _narrow_master(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a ScaledTensor with FP16/BF16 data (an O1/O2 master weight)."""
+    return isinstance(t, ScaledTensor) and t._data.dtype in (torch.float16, torch.bfloat16)
 
 
 def _fusable(t: torch.Tensor) -> bool:
@@ -265,24 +280,41 @@ def _amax(t: torch.Tensor, row: int) -> torch.Tensor:
     """amax of ``t``'s true values (the operand of state row ``row``); for a ScaledTensor read from
     its narrow ``_data`` (exact)."""
     if isinstance(t, ScaledTensor):
-        return (fused_amax(t._data) if _fused_amax(t._data, row) else amax(t._data)) / t._scale
-    return fused_amax(t) if _fused_amax(t, row) else amax(t)
+        return (fused_amax(t._data) if _fused_amax(t._data, row) else _amax_by_rows(t._data)) / t._scale
+    return fused_amax(t) if _fused_amax(t, row) else _amax_by_rows(t)
+
+
+def _amax_by_rows(t: torch.Tensor) -> torch.Tensor:
+    """``formats.amax`` of a 2-D tensor as the max of its row maxima: the same value (max is exact, NaN
+    propagates through both), but compiled, Inductor can reduce the rows in the kernel that casts ``t``
+    (a reduction over the same (M, N) loop) instead of in a second pass over ``t``'s producer."""
+    if t.dim() != 2 or t.numel() == 0:
+        return amax(t)
+    return t.abs().amax(dim=1).amax().float()
 
 
 def _cast_pair(t: torch.Tensor, row: int, fmt: Format, scale: torch.Tensor, transpose: bool = True,
                with_amax: bool = False):
-    """``(t_fp8, t_fp8_t, amax)``: the cast and, on the fused path, its transposed copy (with
-    ``transpose``) and ``t``'s amax (with ``with_amax``) from the same pass; else None (``fp8_mm``
-    transposes when it needs to). A ScaledTensor is read from ``_data`` (its power-of-two scale
-    divides exactly, so the FP8 bits equal those of an FP32 weight holding the same values, and the
-    amax that of those values)."""
-    t_hp = t.dequantize() if isinstance(t, ScaledTensor) else t
-    if _fused(t_hp, row):
+    """``(t_fp8, t_fp8_t, amax)``: the cast, its transposed copy (with ``transpose``, else None) and,
+    on the fused path, ``t``'s amax (with ``with_amax``, else None) from the same pass. A
+    ScaledTensor is read from ``_data`` (its power-of-two scale divides exactly, so the FP8 bits
+    equal those of an FP32 weight holding the same values, and the amax that of those values).
+
+    The plain path makes the transposed copy here too, next to the cast, with the operator
+    ``transpose_fp8`` (module docstring: Inductor keeps it out of the cast's kernel), rather than in
+    backward, where ``fp8_mm`` would copy."""
+    in_scale = None
+    if _narrow_master(t) and _fused(t, row):
+        t_hp, in_scale = t._data, t._scale  # the kernel divides by the scale (2-byte reads, no FP32 copy)
+    else:
+        t_hp = t.dequantize() if isinstance(t, ScaledTensor) else t
+    if in_scale is not None or _fused(t_hp, row):
         if torch.compiler.is_compiling():  # the kernel as one opaque operator (it always writes both)
-            t_fp8, t_fp8_t, a = torch.ops.fp8lm.cast_transpose_amax(t_hp, scale, fmt.name)
+            t_fp8, t_fp8_t, a = torch.ops.fp8lm.cast_transpose_amax(t_hp, scale, fmt.name, in_scale)
             return t_fp8, (t_fp8_t if transpose else None), (a if with_amax else None)
-        return fused_cast(t_hp, fmt, scale, transpose=transpose, with_amax=with_amax)
-    return quantize(t_hp, fmt, scale), None, (amax(t_hp) if with_amax else None)
+        return fused_cast(t_hp, fmt, scale, transpose=transpose, with_amax=with_amax, in_scale=in_scale)
+    t_fp8 = quantize(t_hp, fmt, scale)
+    return t_fp8, (transpose_fp8(t_fp8) if transpose else None), (amax(t_hp) if with_amax else None)
 
 
 def _cast_scaled(layer: "Float8Linear", row: int, t: torch.Tensor, fmt: Format, update: bool, recompute: bool,
@@ -303,9 +335,10 @@ def _fp8_forward(layer: Float8Linear, x2d, w_hp, update: bool, recompute: bool, 
                  save: bool = True):
     """Quantize input and weight, run ``x @ w.T`` in FP8; return the output and what backward needs.
 
-    What backward needs is ``x_fp8`` (M, K) and ``w_fp8`` (N, K), or on the fused path their
-    transposed copies viewed back as (M, K) / (N, K) column-major (the layouts the backward GEMMs
-    read without another copy). ``save=False`` (no backward will run) skips the transposed copies.
+    What backward needs is ``x_fp8`` (M, K) and ``w_fp8`` (N, K) as their transposed copies viewed
+    back as (M, K) / (N, K) column-major (the layouts the backward GEMMs read without another copy;
+    a weight that arrived in FP8 is kept as it is). ``save=False`` (no backward will run) skips the
+    transposed copies.
     """
     fmt = layer.recipe.fwd
     x_fp8, x_fp8_t, x_scale = _cast_scaled(layer, _X, x2d, fmt, update, recompute, ready, save)  # (M, K), (K, M)|None
@@ -347,7 +380,8 @@ class _Float8LinearFn(torch.autograd.Function):
             grad_x = grad_x.reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             g_t = g_fp8.t() if g_fp8_t is None else g_fp8_t  # (N, M)
-            grad_w = fp8_mm(g_t, g_inv, x_fp8, x_scale.reciprocal(), ctx.w_dtype, emulate)  # (N, K)
+            out_w = torch.bfloat16 if ctx.scaled_w else ctx.w_dtype  # BF16 when it is cast to FP8 next
+            grad_w = fp8_mm(g_t, g_inv, x_fp8, x_scale.reciprocal(), out_w, emulate)  # (N, K)
             if ctx.scaled_w:  # FP8 storage with a scale from this output's amax (1 byte per parameter)
                 grad_w = ScaledTensor.from_hp(grad_w, FORMATS[layer.wgrad_format].dtype)
         if ctx.needs_input_grad[2]:

@@ -21,7 +21,7 @@ Bytes per element of a BF16 input (the floor is memory bandwidth; no arithmetic 
 * here: with a known scale (delayed/static scaling) one pass reads x (2 bytes), writes x_fp8 and
   x_fp8_t (2 bytes) and one partial amax per tile: 4 bytes. Current scaling needs the amax before
   the cast: one extra read-only pass (2 bytes), 6 in all; the partial amaxes (one float32 per
-  64x64 tile) are reduced by ``torch.amax`` (which propagates NaN like ``formats.amax``).
+  tile) are reduced by ``torch.amax`` (which propagates NaN like ``formats.amax``).
 
 ``backend="auto"`` takes Triton for CUDA tensors when Triton imports, the twin otherwise (CPUs: the
 twin is the CPU path and the GPU test's oracle, ``tests/test_cast.py``). ``backend="triton"`` on a
@@ -35,10 +35,16 @@ import torch
 
 from fp8lm.formats import Format, amax, get_format, quantize
 
-__all__ = ["fused_amax", "fused_cast", "cast_transpose_amax", "cast_reference", "triton_available", "BACKENDS"]
+__all__ = ["fused_amax", "fused_cast", "cast_transpose_amax", "cast_reference", "transpose_fp8", "triton_available",
+           "BACKENDS"]
 
 BACKENDS = ("auto", "triton", "torch")
-_BLOCK_M, _BLOCK_N = 64, 64
+_BLOCK_M, _BLOCK_N = 64, 64  # the amax kernel's tile
+# The cast kernel's tile and warps, measured on the H100 (``benchmarks/kernel_sweep.py``, BF16 -> E5M2 with
+# transpose and amax at 16384 x 2048 / 6144 / 11264): 64 x 128 with 4 warps ran at 2.6-2.9 TB/s, 64 x 64 at
+# 2.0-2.2 (a BF16 copy of the same size: 2.9-3.0). The bytes do not depend on the tile.
+_CAST_BLOCK_M, _CAST_BLOCK_N, _CAST_WARPS = 64, 128, 4
+_T_BLOCK = 128  # the byte transpose's square tile: 128-byte rows in and out
 
 
 try:  # Triton is optional: without it (CPUs) every function here runs the plain-torch twin
@@ -67,12 +73,15 @@ if triton is not None:
     @triton.jit
     def _cast_kernel(x_ptr, scale_ptr, out_ptr, out_t_ptr, partial_ptr, M, N, stride_m,
                      FMT_MAX: tl.constexpr, E4M3: tl.constexpr, TRANSPOSE: tl.constexpr, TRANS_TILE: tl.constexpr,
-                     AMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     AMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, in_scale_ptr=None,
+                     IN_SCALE: tl.constexpr = False):
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (rm[:, None] < M) & (rn[None, :] < N)
         x = tl.load(x_ptr + rm[:, None] * stride_m + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+        if IN_SCALE:  # a ScaledTensor's _data: its true value first, as ``dequantize`` divides
+            x = tl.div_rn(x, tl.load(in_scale_ptr))
         y = x * tl.load(scale_ptr)
         y = tl.where(y > FMT_MAX, FMT_MAX, y)  # comparisons, not min/max: NaN must stay NaN
         y = tl.where(y < -FMT_MAX, -FMT_MAX, y)
@@ -90,6 +99,16 @@ if triton is not None:
                 tl.store(out_t_ptr + rn[None, :] * M + rm[:, None], y8, mask=mask)
         if AMAX:
             tl.store(partial_ptr + pid_m * tl.num_programs(1) + pid_n, _tile_amax(x))
+
+
+    @triton.jit
+    def _transpose_kernel(x_ptr, out_ptr, M, N, BLOCK: tl.constexpr):
+        """(M, N) row-major bytes to (N, M) row-major: one tile in, transposed on chip, one tile out."""
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        rm = pid_m * BLOCK + tl.arange(0, BLOCK)
+        rn = pid_n * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + rm[:, None] * N + rn[None, :], mask=(rm[:, None] < M) & (rn[None, :] < N))
+        tl.store(out_ptr + rn[:, None] * M + rm[None, :], tl.trans(x), mask=(rn[:, None] < N) & (rm[None, :] < M))
 
 
 def triton_available(device: torch.device | str) -> bool:
@@ -116,8 +135,13 @@ def _check_2d(x_hp: torch.Tensor) -> torch.Tensor:
     return x_hp if x_hp.stride(1) == 1 else x_hp.contiguous()
 
 
-def _grid(m: int, n: int) -> tuple[int, int]:
-    return (-(-m // _BLOCK_M), -(-n // _BLOCK_N))
+def _grid(m: int, n: int, block_m: int = _BLOCK_M, block_n: int = _BLOCK_N) -> tuple[int, int]:
+    return (-(-m // block_m), -(-n // block_n))
+
+
+def _cast_options(x_hp: torch.Tensor) -> dict:
+    """Launch options of the cast kernel (the interpreter takes none)."""
+    return {"num_warps": _CAST_WARPS} if x_hp.is_cuda else {}
 
 
 def fused_amax(x_hp: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -133,32 +157,39 @@ def fused_amax(x_hp: torch.Tensor, backend: str = "auto") -> torch.Tensor:
 
 
 def cast_reference(x_hp: torch.Tensor, fmt: Format | str, scale: torch.Tensor, transpose: bool = False,
-                   with_amax: bool = False):
+                   with_amax: bool = False, in_scale: torch.Tensor | None = None):
     """The plain-torch twin of ``fused_cast`` (same arguments, same results, bit for bit)."""
     fmt = get_format(fmt)
     x_hp = _check_2d(x_hp)
+    if in_scale is not None:
+        x_hp = x_hp.float() / in_scale  # a ScaledTensor's dequantize()
     x_fp8 = quantize(x_hp, fmt, scale)  # (M, N)
     x_fp8_t = x_fp8.t().contiguous() if transpose else None  # (N, M)
     return x_fp8, x_fp8_t, (amax(x_hp) if with_amax else None)
 
 
 def fused_cast(x_hp: torch.Tensor, fmt: Format | str, scale: torch.Tensor, transpose: bool = False,
-               with_amax: bool = False, backend: str = "auto", trans_tile: bool = True):
+               with_amax: bool = False, backend: str = "auto", trans_tile: bool = True,
+               in_scale: torch.Tensor | None = None):
     """Cast a 2-D tensor to FP8 with ``scale`` in one pass; returns ``(x_fp8, x_fp8_t, amax)``.
 
     ``x_fp8`` is (M, N) row-major; ``x_fp8_t`` its (N, M) row-major transpose when ``transpose``
     (else None); ``amax`` = ``formats.amax(x_hp)`` from the same pass when ``with_amax`` (else
     None). ``scale`` is a float32 tensor with one element on ``x_hp``'s device. ``trans_tile``
     picks how the Triton kernel writes the transpose (tile transposed on chip, or strided stores).
+    ``in_scale`` (a one-element float32 tensor, or None): ``x_hp`` is the ``_data`` of a
+    ``ScaledTensor`` with this ``_scale``; the values cast (and the amax) are ``x_hp / in_scale``,
+    as ``dequantize()`` gives them, without the float32 copy (an FP16 master is read at 2 bytes).
     """
     fmt = get_format(fmt)
     x_hp = _check_2d(x_hp)
-    if scale.numel() != 1:
-        raise ValueError(f"scale must have one element, got shape {tuple(scale.shape)}")
+    for name, s in (("scale", scale), ("in_scale", in_scale)):
+        if s is not None and s.numel() != 1:
+            raise ValueError(f"{name} must have one element, got shape {tuple(s.shape)}")
     if not _use_triton(x_hp, backend) or x_hp.numel() == 0:
-        return cast_reference(x_hp, fmt, scale, transpose, with_amax)
+        return cast_reference(x_hp, fmt, scale, transpose, with_amax, in_scale)
     m, n = x_hp.shape
-    grid = _grid(m, n)
+    grid = _grid(m, n, _CAST_BLOCK_M, _CAST_BLOCK_N)
     # Triton 3.6 on the H100 wrote wrong transposed bytes from FLOAT32 tiles whose sizes are multiples
     # of 16, with either store (``benchmarks/cast_debug.py``; the row-major bytes were right): a float32
     # input's transpose is a torch copy of the row-major result instead.
@@ -169,25 +200,57 @@ def fused_cast(x_hp: torch.Tensor, fmt: Format | str, scale: torch.Tensor, trans
     _cast_kernel[grid](x_hp, scale.reshape(1).float(), x_fp8, x_fp8_t if kernel_t else x_fp8,
                        partial if with_amax else x_fp8, m, n, x_hp.stride(0),
                        FMT_MAX=fmt.max, E4M3=fmt.name == "e4m3", TRANSPOSE=kernel_t, TRANS_TILE=trans_tile,
-                       AMAX=with_amax, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N)
+                       AMAX=with_amax, BLOCK_M=_CAST_BLOCK_M, BLOCK_N=_CAST_BLOCK_N,
+                       in_scale_ptr=None if in_scale is None else in_scale.reshape(1).float(),
+                       IN_SCALE=in_scale is not None, **_cast_options(x_hp))
     if transpose and not kernel_t:
         x_fp8_t = x_fp8.t().contiguous()
     return x_fp8, x_fp8_t, (partial.amax() if with_amax else None)
 
 
 @torch.library.custom_op("fp8lm::cast_transpose_amax", mutates_args=())
-def cast_transpose_amax(x_hp: torch.Tensor, scale: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``fused_cast(x_hp, fmt, scale, transpose=True, with_amax=True)`` as one opaque torch operator.
+def cast_transpose_amax(x_hp: torch.Tensor, scale: torch.Tensor, fmt: str,
+                        in_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``fused_cast(x_hp, fmt, scale, transpose=True, with_amax=True, in_scale=in_scale)`` as one
+    opaque torch operator.
 
     ``torch.compile`` calls it as it is (Triton on CUDA, the twin elsewhere) instead of tracing its
     parts, so a compiled FP8 linear can use the one-pass kernel; returns ``(x_fp8, x_fp8_t, amax)``.
     """
-    return fused_cast(x_hp, fmt, scale, transpose=True, with_amax=True)
+    return fused_cast(x_hp, fmt, scale, transpose=True, with_amax=True, in_scale=in_scale)
 
 
 @cast_transpose_amax.register_fake
-def _(x_hp, scale, fmt):
+def _(x_hp, scale, fmt, in_scale=None):
     m, n = x_hp.shape
     dtype = get_format(fmt).dtype
     return (x_hp.new_empty((m, n), dtype=dtype), x_hp.new_empty((n, m), dtype=dtype),
             x_hp.new_empty((), dtype=torch.float32))
+
+
+@torch.library.custom_op("fp8lm::transpose_fp8", mutates_args=())
+def transpose_fp8(x_fp8: torch.Tensor) -> torch.Tensor:
+    """``x_fp8.t().contiguous()`` of a 2-D FP8 (or any 1-byte) tensor, as one opaque torch operator.
+
+    On CUDA with Triton a tiled byte transpose (``_transpose_kernel``), else torch's copy; the bytes
+    are the same either way. Compiled FP8 linears call it for the transposed operands of the
+    weight-gradient GEMM: as an operator of its own it keeps Inductor from writing the transposed
+    copy from inside the kernel that makes ``x_fp8`` (byte stores a row apart, which ran that kernel
+    at about half of memory bandwidth on the H100, ``benchmarks/RESULTS.md``).
+    """
+    if x_fp8.dim() != 2 or x_fp8.element_size() != 1:
+        raise ValueError(f"transpose_fp8 needs a 2-D 1-byte tensor, got shape {tuple(x_fp8.shape)} {x_fp8.dtype}")
+    m, n = x_fp8.shape
+    out = torch.empty(n, m, dtype=x_fp8.dtype, device=x_fp8.device)  # never an alias of the input
+    if not (x_fp8.is_cuda and triton_available(x_fp8.device)) or x_fp8.numel() == 0:
+        return out.copy_(x_fp8.t())
+    x_fp8 = x_fp8.contiguous()
+    grid = (-(-m // _T_BLOCK), -(-n // _T_BLOCK))
+    _transpose_kernel[grid](x_fp8.view(torch.uint8), out.view(torch.uint8), m, n, BLOCK=_T_BLOCK, num_warps=8)
+    return out
+
+
+@transpose_fp8.register_fake
+def _(x_fp8):
+    m, n = x_fp8.shape
+    return x_fp8.new_empty((n, m))

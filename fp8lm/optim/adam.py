@@ -93,8 +93,9 @@ The master's new power-of-two scale puts a value in ``(FP16_AMAX_TARGET / 2, FP1
 pass 1 reduces the moments' amaxes anyway). State "fp32" (O1) takes it *before* the step, from a
 bound on the new amax: ``|w_new| <= |w| * |1 - lr wd| + lr * C_t``, with ``C_t`` the bound on
 ``|m_hat| / sqrt(v_hat)`` of point 5 below (FP32 moments hold it up to rounding, covered by its
-2^-6 slack). So the fused step reads the old master's 2 bytes per element for its amax instead
-of a whole first pass (11 bytes: master, FP8 gradient, FP32 m and v). The bound is tight when the
+2^-6 slack). So the fused step needs only the old master's amax instead of a whole first pass
+(11 bytes: master, FP8 gradient, FP32 m and v), and from its second step on it has it for free:
+the previous step's kernel reduced it from the bytes it stored (``fused.py``). The bound is tight when the
 weights dominate ``lr * C_t`` and exact at step 1 from zero (Adam's first update is ``lr * sign(g)``);
 the stored amax then lands 0-4 binades below 256, never above it (``tests/test_optim.py``), which
 costs no precision (FP16's relative precision is the same across its normal range, and 2^-22 of
@@ -248,6 +249,13 @@ def _master_scale_from_bound(p, lr: float, wd: float, beta1: float, beta2: float
     decay_abs, lr_bound = args
     amax_old = p._data.abs().amax().float() / p._scale
     return _pow2_scale(amax_old * decay_abs + lr_bound, FP16_AMAX_TARGET)
+
+
+def _master_key(p: ScaledTensor) -> tuple:
+    """What identifies the current bytes of master ``p``: its tensors and their version counters (the
+    wrapper's counts in-place ops through ``p``, whose inner writes run below the counting; the inner
+    ones count direct writes to ``_data`` / ``_scale``)."""
+    return p._version, id(p._data), p._data.data_ptr(), p._data._version, id(p._scale), p._scale._version
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,7 +467,19 @@ class AdamW(torch.optim.Optimizer):
                         if group["state"] == "fp32" and type(p) is ScaledTensor else None)
         # one Philox seed per parameter and step, from the CPU generator (saved in state_dict())
         seed = int(torch.randint(0, 2**31 - 1, (), generator=self.generator_for("cpu")))
-        _fused.fused_step(p, state, group, scalars, seed, self._scratch(p.device), bounds, master_bound)
+        scratch = self._scratch(p.device)
+        prev = self._master_cache_lookup(p) if master_bound is not None else None
+        _fused.fused_step(p, state, group, scalars, seed, scratch, bounds, master_bound, prev)
+        if master_bound is not None:
+            self._master_cache[p] = (scratch, _master_key(p))
+
+    def _master_cache_lookup(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The scratch of ``p``'s previous fused bounded step, if ``p`` still holds the bytes and scale that
+        step stored (the kernels write without bumping torch's version counters, so any other write to
+        ``_data`` or ``_scale``, or a new ``_data``, changes ``_master_key``); else None."""
+        cache = self.__dict__.setdefault("_master_cache", {})
+        hit = cache.get(p)
+        return hit[0] if hit is not None and hit[1] == _master_key(p) else None
 
     def _grad_hp(self, p: torch.Tensor) -> torch.Tensor:
         """The gradient as a plain tensor (dequantized when it is a ScaledTensor)."""

@@ -128,6 +128,7 @@ import math
 from typing import Any, Iterable
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from fp8lm import formats
 from fp8lm.formats import E4M3, Format
@@ -249,6 +250,19 @@ def _master_scale_from_bound(p, lr: float, wd: float, beta1: float, beta2: float
     decay_abs, lr_bound = args
     amax_old = p._data.abs().amax().float() / p._scale
     return _pow2_scale(amax_old * decay_abs + lr_bound, FP16_AMAX_TARGET)
+
+
+# master -> (scratch of its last fused bounded step, its _master_key after that step). Keyed by the tensor,
+# not kept per optimizer, so a step by any optimizer is seen by all; weak, so it never keeps a master alive.
+_LAST_MASTER_STEP = WeakIdKeyDictionary()
+
+
+def _last_master_step(p: ScaledTensor) -> torch.Tensor | None:
+    """The scratch of ``p``'s last fused bounded step, if ``p`` still holds the bytes and scale that step
+    stored (the kernels write without bumping torch's version counters, so any other write to
+    ``_data`` or ``_scale``, or a new ``_data``, changes ``_master_key``); else None."""
+    hit = _LAST_MASTER_STEP.get(p)
+    return hit[0] if hit is not None and hit[1] == _master_key(p) else None
 
 
 def _master_key(p: ScaledTensor) -> tuple:
@@ -468,18 +482,10 @@ class AdamW(torch.optim.Optimizer):
         # one Philox seed per parameter and step, from the CPU generator (saved in state_dict())
         seed = int(torch.randint(0, 2**31 - 1, (), generator=self.generator_for("cpu")))
         scratch = self._scratch(p.device)
-        prev = self._master_cache_lookup(p) if master_bound is not None else None
+        prev = _last_master_step(p) if master_bound is not None else None
         _fused.fused_step(p, state, group, scalars, seed, scratch, bounds, master_bound, prev)
         if master_bound is not None:
-            self._master_cache[p] = (scratch, _master_key(p))
-
-    def _master_cache_lookup(self, p: torch.Tensor) -> torch.Tensor | None:
-        """The scratch of ``p``'s previous fused bounded step, if ``p`` still holds the bytes and scale that
-        step stored (the kernels write without bumping torch's version counters, so any other write to
-        ``_data`` or ``_scale``, or a new ``_data``, changes ``_master_key``); else None."""
-        cache = self.__dict__.setdefault("_master_cache", {})
-        hit = cache.get(p)
-        return hit[0] if hit is not None and hit[1] == _master_key(p) else None
+            _LAST_MASTER_STEP[p] = (scratch, _master_key(p))
 
     def _grad_hp(self, p: torch.Tensor) -> torch.Tensor:
         """The gradient as a plain tensor (dequantized when it is a ScaledTensor)."""

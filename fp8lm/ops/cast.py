@@ -245,7 +245,7 @@ def transpose_fp8(x_fp8: torch.Tensor) -> torch.Tensor:
     if not (x_fp8.is_cuda and triton_available(x_fp8.device)) or x_fp8.numel() == 0:
         return out.copy_(x_fp8.t())
     x_fp8 = x_fp8.contiguous()
-    grid = (-(-m // _T_BLOCK), -(-n // _T_BLOCK))
+    grid = _grid(m, n, _T_BLOCK, _T_BLOCK)
     _transpose_kernel[grid](x_fp8.view(torch.uint8), out.view(torch.uint8), m, n, BLOCK=_T_BLOCK, num_warps=8)
     return out
 

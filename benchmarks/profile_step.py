@@ -41,6 +41,16 @@ def phases(model, optimizer, x, y, steps: int = 5) -> dict:
     return {n: statistics.median(t) for n, t in times.items()}
 
 
+def small_kernels(prof, steps: int, under_us: float = 5.0) -> str:
+    """One line: the CUDA kernels averaging under ``under_us`` (scale math, amax histories): calls and time per step."""
+    calls = total = 0.0
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time < under_us:
+            calls, total = calls + 1, total + e.device_time
+    return (f"== kernels under {under_us:g} us: {calls / steps:.0f} per step, "
+            f"{total / steps / 1e3:.2f} ms of GPU time per step")
+
+
 def main() -> None:
     recipe = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--recipe=")), "current")
     rows = int(next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--rows=")), "25"))
@@ -70,6 +80,7 @@ def main() -> None:
                 optimizer.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=width), flush=True)
+        print(small_kernels(prof, steps=2), flush=True)
         del model, optimizer
 
 

@@ -31,10 +31,12 @@ same for every column, and ratios are taken inside the run.
   at each level: forward, backward, ``fp8lm.optim.clip_grad_norm_(1.0)`` (torch's own for plain
   gradients, as at O0 and torchao), optimizer step, ``zero_grad``.
   O1 and O2 take the default plain casts (``set_fused_cast(False)``: compiled, Inductor fuses them
-  into the kernels that produce their operands); where Triton runs on CUDA two more rows show the
-  alternatives: ``O1 grad`` (the output gradients' casts in the Triton kernel,
-  ``set_fused_cast("grad")``) and ``O1 triton`` (every cast there, ``set_fused_cast(True)``);
-  compiled, the cast kernel is the opaque operator ``fp8lm::cast_transpose_amax``.
+  into the kernels that produce their operands) and the fused SwiGLU (``set_fused_swiglu(True)``:
+  the MLP's gradient cast to FP8 inside SwiGLU's backward kernel); where Triton runs on CUDA three
+  more rows show the alternatives: ``O1 grad`` (the output gradients' casts in the Triton kernel,
+  ``set_fused_cast("grad")``), ``O1 triton`` (every cast there, ``set_fused_cast(True)``) and
+  ``O1 swiglu apart`` (the gate/up projection and SwiGLU apart, ``set_fused_swiglu(False)``);
+  compiled, the kernels are the operators ``fp8lm::cast_transpose_amax`` and ``fp8lm::swiglu_backward_cast``.
   O0 is the strongest honest BF16 baseline: BF16 autocast, torch's fused AdamW, compiled exactly as
   the FP8 levels are (per transformer block, ``block.compile()``, the way the issue's reference
   numbers were taken); the output head stays BF16 at every level. O1/O2 use the optimizer
@@ -281,19 +283,22 @@ def _scaled_mm_only(m: int, k: int, n: int, device: str):
     return hp, fp8
 
 
-FUSED_CAST_ROWS = {" grad": "grad", " triton": True}  # step-row suffix -> set_fused_cast mode
+# step-row suffix -> (set_fused_cast mode, set_fused_swiglu): the O1 rows next to the default one
+FUSED_CAST_ROWS = {" grad": ("grad", True), " triton": (True, True), " swiglu apart": (False, False)}
 
 
-def _with_fused_cast(fn, mode: bool | str = True):
-    """`fn` run with `Float8Linear`'s Triton fused casts set to `mode` (`set_fused_cast`; True: every cast)."""
-    from fp8lm.nn.linear import set_fused_cast
+def _with_fused_cast(fn, mode: bool | str = True, swiglu: bool = True):
+    """`fn` run with `Float8Linear`'s Triton fused casts set to `mode` (`set_fused_cast`; True: every cast)
+    and its fused SwiGLU on or off (`set_fused_swiglu`)."""
+    from fp8lm.nn.linear import set_fused_cast, set_fused_swiglu
 
     def call():
-        old = set_fused_cast(mode)
+        old, old_swiglu = set_fused_cast(mode), set_fused_swiglu(swiglu)
         try:
             return fn()
         finally:
             set_fused_cast(old)
+            set_fused_swiglu(old_swiglu)
     return call
 
 
@@ -437,7 +442,7 @@ def bench_step_one(cfg: BenchConfig, variant: str, compiled: bool) -> dict:
         torch.cuda.reset_peak_memory_stats(cfg.device)
     marks = [] if cuda else None
     step = _step_fn(model, optimizer, x, y, marks)
-    step = _with_fused_cast(step, FUSED_CAST_ROWS[suffix]) if suffix else step
+    step = _with_fused_cast(step, *FUSED_CAST_ROWS[suffix]) if suffix else step
     t0 = time.perf_counter()
     for _ in range(cfg.warmup):
         step()

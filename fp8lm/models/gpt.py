@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fp8lm.nn.activations import causal_attention, rms_norm, swiglu
+from fp8lm.nn.activations import causal_attention, linear_swiglu, rms_norm
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         """x (B, T, C) -> (B, T, C)."""
-        h = swiglu(self.gate_up(x), save_fp8=self.fp8_saved_activations)  # (B, T, F)
+        h = linear_swiglu(self.gate_up, x, save_fp8=self.fp8_saved_activations)  # (B, T, F): silu(gate) * up
         return self.down(h)  # (B, T, C)
 
 

@@ -12,7 +12,9 @@ Exact (every level):
   *and* the float32 normalized copy (8 bytes per element); this keeps 4.
 * ``swiglu`` takes the fused gate/up projection ``gu = [g, u]`` and returns ``silu(g) * u``,
   computed in float32 and rounded once to ``gu``'s dtype. It saves ``gu`` only; the plain
-  expression also keeps ``silu(g)`` (a third more).
+  expression also keeps ``silu(g)`` (a third more). ``linear_swiglu(linear, x)`` lets an FP8 linear
+  compute it inside its own operation, whose backward casts the gradient to FP8 in SwiGLU's backward
+  kernel (``fp8lm.nn.linear``); same forward values, same saved tensor.
 * ``causal_attention`` copies ``v`` to a contiguous tensor before attention. A ``v`` that is a view
   of the fused QKV output would keep the whole QKV output (3 tensors) alive for backward.
 
@@ -41,7 +43,7 @@ import torch.nn.functional as F
 from fp8lm.formats import E4M3, dequantize, quantize, scale_from_amax
 from fp8lm.nn.bf16 import causal_attention as _sdpa  # fast BF16 attention on CPUs
 
-__all__ = ["rms_norm", "swiglu", "causal_attention", "rms_norm_reference", "swiglu_reference",
+__all__ = ["rms_norm", "swiglu", "linear_swiglu", "causal_attention", "rms_norm_reference", "swiglu_reference",
            "quantize_rows", "dequantize_rows"]
 
 
@@ -149,6 +151,17 @@ def swiglu(gate_up: torch.Tensor, save_fp8: bool = False) -> torch.Tensor:
     if gate_up.shape[-1] % 2:
         raise ValueError(f"swiglu: the last dim of gate_up must be even ([gate, up]), got {gate_up.shape[-1]}")
     return _SwiGLU.apply(gate_up, bool(save_fp8))
+
+
+def linear_swiglu(linear: torch.nn.Module, x: torch.Tensor, save_fp8: bool = False) -> torch.Tensor:
+    """``swiglu(linear(x), save_fp8)``; a linear that lists ``"swiglu"`` in ``fused_activations`` (an FP8
+    ``Float8Linear``) computes it as ``linear(x, activation="swiglu")`` instead, one operation whose backward
+    casts its output gradient to FP8 inside SwiGLU's backward kernel (``fp8lm.ops.swiglu``). The forward
+    values are the same either way; ``save_fp8`` (O2's FP8-saved activations) takes the unfused path.
+    Called through the module, so hooks (FSDP2's all-gather) run as for ``linear(x)``."""
+    if not save_fp8 and "swiglu" in getattr(linear, "fused_activations", ()):
+        return linear(x, activation="swiglu")
+    return swiglu(linear(x), save_fp8=save_fp8)
 
 
 # ------------------------------------------------------------------ attention

@@ -48,6 +48,15 @@ whole-tensor amaxes 117.2, with row maxima 110.5, with the transpose operator 10
 ``"grad"`` (the output gradients' casts in the Triton kernel, the earlier default) 110.9 and ``True``
 (every cast in the kernel) 118.9.
 
+A fused SwiGLU (``forward(x, activation="swiglu")``, used by ``fp8lm.nn.activations.linear_swiglu`` while
+``set_fused_swiglu`` is on): the layer's output ``gu = [g | u]`` goes straight into ``silu(g) * u`` in the
+same autograd operation, which saves ``gu`` (as the separate SwiGLU would) and in backward computes
+SwiGLU's gradient and its FP8 cast in one kernel (``fp8lm.ops.swiglu``) instead of writing a BF16 gradient
+for this layer's backward to read and cast. The gradient is cast from float32 values (one rounding, not
+BF16 then FP8), its amax feeds the history as usual (a first delayed step or current scaling takes an
+amax-only pass first). Measured on the H100: 2.9 ms per llama-0.75b O1 step (``benchmarks/RESULTS.md``,
+fifth session of 2026-11-23).
+
 Scaling state lives in non-persistent buffers (``fp8_amax_history``, ``fp8_last_scale``): it moves
 with ``.to()`` but stays out of ``state_dict`` so converted and plain models share checkpoint keys.
 
@@ -87,19 +96,22 @@ import torch
 from torch import nn
 
 from fp8lm.formats import FORMATS, Format, amax, quantize, scale_from_amax
+from fp8lm.nn.activations import swiglu_reference
 from fp8lm.ops.cast import fused_amax, fused_cast, transpose_fp8, triton_available
 from fp8lm.ops.gemm import fp8_mm
+from fp8lm.ops.swiglu import swiglu_backward_cast, swiglu_grad_amax
 from fp8lm.scaling import Recipe, compute_scale, static_scale, update_history
 from fp8lm.tensor import ScaledTensor
 
-__all__ = ["Float8Linear", "set_fused_cast"]
+__all__ = ["Float8Linear", "set_fused_cast", "set_fused_swiglu", "ACTIVATIONS"]
 
 _X, _W, _G = 0, 1, 2  # rows of the scaling-state buffers
 MASTERS = ("fp32", "fp16")
 WGRAD_FORMATS = tuple(FORMATS)
 DEFAULT_WGRAD_FORMAT = "e4m3"  # storage of FP8 weight gradients (module docstring: measured)
 FUSED_CAST_MODES = (False, True, "grad")
-_FUSED = {"cast": False}  # plain casts, compiled by Inductor into their producers: measured fastest, docstring
+_FUSED = {"cast": False, "swiglu": True}  # plain casts (Inductor fuses them into their producers); SwiGLU fused
+ACTIVATIONS = (None, "swiglu")  # what Float8Linear.forward's `activation` takes
 
 
 def set_fused_cast(mode: bool | str) -> bool | str:
@@ -116,6 +128,20 @@ def set_fused_cast(mode: bool | str) -> bool | str:
     if not (mode is True or mode is False or mode == "grad"):
         raise ValueError(f"set_fused_cast: mode must be one of {FUSED_CAST_MODES}, got {mode!r}")
     old, _FUSED["cast"] = _FUSED["cast"], mode
+    return old
+
+
+def set_fused_swiglu(on: bool) -> bool:
+    """Whether ``Float8Linear(x, activation="swiglu")`` may be used (``fused_activations``); returns the old setting.
+
+    On (the default), the model's SwiGLU MLP runs its gate/up projection and the SwiGLU as one operation whose
+    backward casts the projection's output gradient to FP8 in SwiGLU's own backward kernel
+    (``fp8lm.ops.swiglu``; module docstring). Off, the projection and ``fp8lm.nn.activations.swiglu`` run
+    apart, the gradient in BF16 between them (the earlier path, kept for comparison and tests).
+    """
+    if not isinstance(on, bool):
+        raise ValueError(f"set_fused_swiglu: on must be True or False, got {on!r}")
+    old, _FUSED["swiglu"] = _FUSED["swiglu"], on
     return old
 
 
@@ -199,6 +225,13 @@ class Float8Linear(nn.Linear):
         return linear
 
     @property
+    def fused_activations(self) -> tuple[str, ...]:
+        """The activations ``forward`` can apply inside its own operation: ``("swiglu",)`` for a layer without
+        bias and an even number of outputs while ``set_fused_swiglu`` is on, else ``()``."""
+        ok = _FUSED["swiglu"] and self.bias is None and self.out_features % 2 == 0
+        return ("swiglu",) if ok else ()
+
+    @property
     def master(self) -> str:
         """"fp16" when the weight is an FP16 ``ScaledTensor`` master, else "fp32"."""
         return "fp16" if isinstance(self.weight, ScaledTensor) else "fp32"
@@ -216,13 +249,14 @@ class Float8Linear(nn.Linear):
         return f"{super().extra_repr()}, fp8={r.scaling}:{r.fwd_format}/{r.grad_format}{extra}"
 
     def fp8_scale(self, row: int, t: torch.Tensor, fmt: Format, update: bool, recompute: bool,
-                  ready: bool = False, amax_later: bool = False) -> torch.Tensor:
+                  ready: bool = False, amax_later: bool = False, amax_now: torch.Tensor | None = None) -> torch.Tensor:
         """The scale for casting ``t`` (state row ``row``), updating the state when ``update``.
 
         ``ready`` (delayed scaling after the first training forward): the scale comes from the
         history alone, so the cast does not wait for ``t``'s amax (under ``torch.compile`` it can be
         fused into the kernel that produces ``t``); ``t``'s amax only feeds the history, and with
-        ``amax_later`` the caller pushes it (``push_amax``) from the cast's own pass.
+        ``amax_later`` the caller pushes it (``push_amax``) from the cast's own pass. ``amax_now``: ``t``'s
+        amax measured by the caller (``t``'s values are then not read, only its device).
         """
         if self.recipe.scaling == "static":
             return static_scale(t.device)  # no amax: the model is unit-scaled by construction
@@ -235,10 +269,10 @@ class Float8Linear(nn.Linear):
             scale = scale_from_amax(history.amax(), fmt, r.margin, r.pow2_scales)
             if update:
                 if not amax_later:
-                    update_history(history, _amax(t, row))
+                    update_history(history, _amax(t, row) if amax_now is None else amax_now)
                 self.fp8_last_scale[row].copy_(scale)
             return scale
-        amax_now = _amax(t, row)
+        amax_now = _amax(t, row) if amax_now is None else amax_now
         scale = compute_scale(amax_now, history, fmt, self.recipe)
         if update:
             if delayed:
@@ -246,7 +280,14 @@ class Float8Linear(nn.Linear):
             self.fp8_last_scale[row].copy_(scale)
         return scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+        """``x @ weight.T (+ bias)`` in FP8; with ``activation="swiglu"``, ``silu(g) * u`` of that output's halves
+        ``[g | u]`` (..., out_features / 2), computed in the same operation (see ``fused_activations``)."""
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"Float8Linear: unknown activation {activation!r}; allowed: {ACTIVATIONS}")
+        if activation == "swiglu" and (self.bias is not None or self.out_features % 2):
+            raise ValueError("Float8Linear: activation 'swiglu' needs a layer without bias and an even number of "
+                             f"outputs (bias: {self.bias is not None}, out_features: {self.out_features})")
         if x.shape[-1] != self.in_features:
             raise RuntimeError(f"Float8Linear: input has {x.shape[-1]} features in its last dimension, "
                                f"the layer expects {self.in_features} (input shape {tuple(x.shape)})")
@@ -261,14 +302,16 @@ class Float8Linear(nn.Linear):
                 out, *_ = _fp8_forward(self, x.reshape(-1, x.shape[-1]), self.weight, False, False, out_dtype,
                                        ready, save=False)
                 out = out if self.bias is None else out + self.bias.to(out_dtype)
-                return out.reshape(*x.shape[:-1], self.out_features)
+                out = out.reshape(*x.shape[:-1], self.out_features)
+                return out if activation is None else swiglu_reference(out)
             recompute = _in_backward()
             update = self.training and not recompute
             if update:
                 # Later forwards find the x and w histories filled, and the grad_out history filled by
                 # this forward's backward (a Python flag: compiled code recompiles once when it flips).
                 self.fp8_history_ready = True
-            return _Float8LinearFn.apply(x, self.weight, self.bias, self, out_dtype, update, recompute, ready)
+            return _Float8LinearFn.apply(x, self.weight, self.bias, self, out_dtype, update, recompute, ready,
+                                         activation)
 
 
     def push_amax(self, row: int, amax_now: torch.Tensor) -> None:
@@ -355,24 +398,30 @@ def _fp8_forward(layer: Float8Linear, x2d, w_hp, update: bool, recompute: bool, 
 
 class _Float8LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_hp, w_hp, bias, layer, out_dtype, update, recompute, ready):
+    def forward(ctx, x_hp, w_hp, bias, layer, out_dtype, update, recompute, ready, activation=None):
         x2d = x_hp.reshape(-1, x_hp.shape[-1])  # (M, K)
         out, x_fp8, x_scale, w_fp8, w_scale = _fp8_forward(layer, x2d, w_hp, update, recompute, out_dtype, ready)
         if bias is not None:
             out = out + bias.to(out_dtype)
-        ctx.save_for_backward(x_fp8, x_scale, w_fp8, w_scale)
+        saved = (out,) if activation == "swiglu" else ()  # gu = [g | u] (M, N): SwiGLU's backward reads it
+        ctx.save_for_backward(x_fp8, x_scale, w_fp8, w_scale, *saved)
         ctx.layer, ctx.update, ctx.ready, ctx.scaled_w = layer, update, ready, isinstance(w_hp, ScaledTensor)
         ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x_hp.shape, x_hp.dtype, w_hp.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
+        if activation == "swiglu":
+            out = swiglu_reference(out)  # (M, N / 2)
         return out.reshape(*x_hp.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_fp8, x_scale, w_fp8, w_scale = ctx.saved_tensors
+        x_fp8, x_scale, w_fp8, w_scale, *gu = ctx.saved_tensors
         layer = ctx.layer
-        g2d = grad_out.reshape(-1, grad_out.shape[-1])  # (M, N)
+        g2d = grad_out.reshape(-1, grad_out.shape[-1])  # (M, N), or (M, N / 2) after a SwiGLU
         fmt = layer.recipe.grad
-        g_fp8, g_fp8_t, g_scale = _cast_scaled(layer, _G, g2d, fmt, ctx.update, False, ctx.ready, True)  # (M, N), (N, M)
+        if gu:  # the output gradient from SwiGLU's backward, cast in the same pass: (M, N), (N, M)
+            g_fp8, g_fp8_t, g_scale = _swiglu_grad_cast(layer, gu[0], g2d, ctx.update, ctx.ready)
+        else:
+            g_fp8, g_fp8_t, g_scale = _cast_scaled(layer, _G, g2d, fmt, ctx.update, False, ctx.ready, True)
         g_inv, emulate = g_scale.reciprocal(), layer.recipe.emulate
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -386,4 +435,20 @@ class _Float8LinearFn(torch.autograd.Function):
                 grad_w = ScaledTensor.from_hp(grad_w, FORMATS[layer.wgrad_format].dtype)
         if ctx.needs_input_grad[2]:
             grad_b = g2d.float().sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+def _swiglu_grad_cast(layer: Float8Linear, gu: torch.Tensor, da: torch.Tensor, update: bool, ready: bool):
+    """``(g_fp8, g_fp8_t, scale)`` of the gradient of ``gu = [g | u]`` (M, N) given that of ``silu(g) * u``
+    (``da``, (M, N / 2)): SwiGLU's backward and the FP8 cast in one pass (``fp8lm.ops.swiglu``), the state
+    updated as ``_cast_scaled`` does. A ready delayed scale takes the amax from the cast's pass; a scale that
+    needs the amax first (current scaling, a delayed history's first step) gets it from an amax-only pass."""
+    fmt, scaling = layer.recipe.grad, layer.recipe.scaling
+    from_history = scaling == "static" or (scaling == "delayed" and ready)
+    later = update and ready and scaling == "delayed"
+    amax_now = None if from_history else swiglu_grad_amax(gu, da)
+    scale = layer.fp8_scale(_G, da, fmt, update, False, ready, amax_later=later, amax_now=amax_now)
+    g_fp8, g_fp8_t, a = swiglu_backward_cast(gu, da, fmt, scale, with_amax=later)
+    if later:
+        layer.push_amax(_G, a)
+    return g_fp8, g_fp8_t, scale

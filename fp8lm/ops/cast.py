@@ -62,6 +62,19 @@ if triton is not None:
         return tl.where(n_nan > 0, float("nan"), a)
 
     @triton.jit
+    def _saturating_cast(x, scale, FMT_MAX: tl.constexpr, E4M3: tl.constexpr):
+        """``formats.quantize`` of a float32 tile: scale, clamp, non-finite to NaN, round to nearest even."""
+        y = x * scale
+        y = tl.where(y > FMT_MAX, FMT_MAX, y)  # comparisons, not min/max: NaN must stay NaN
+        y = tl.where(y < -FMT_MAX, -FMT_MAX, y)
+        y = y + (x - x)  # + 0 where finite (-0 becomes +0, as in the twin), NaN where x is inf or NaN
+        if E4M3:  # one return, the format chosen at compile time (Triton 3.6 compiled both returns of an early one)
+            y8 = y.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+        else:
+            y8 = y.to(tl.float8e5, fp_downcast_rounding="rtne")
+        return y8
+
+    @triton.jit
     def _amax_kernel(x_ptr, partial_ptr, M, N, stride_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -82,14 +95,7 @@ if triton is not None:
         x = tl.load(x_ptr + rm[:, None] * stride_m + rn[None, :], mask=mask, other=0.0).to(tl.float32)
         if IN_SCALE:  # a ScaledTensor's _data: its true value first, as ``dequantize`` divides
             x = tl.div_rn(x, tl.load(in_scale_ptr))
-        y = x * tl.load(scale_ptr)
-        y = tl.where(y > FMT_MAX, FMT_MAX, y)  # comparisons, not min/max: NaN must stay NaN
-        y = tl.where(y < -FMT_MAX, -FMT_MAX, y)
-        y = y + (x - x)  # + 0 where finite (-0 becomes +0, as in the twin), NaN where x is inf or NaN
-        if E4M3:
-            y8 = y.to(tl.float8e4nv, fp_downcast_rounding="rtne")
-        else:
-            y8 = y.to(tl.float8e5, fp_downcast_rounding="rtne")
+        y8 = _saturating_cast(x, tl.load(scale_ptr), FMT_MAX, E4M3)
         tl.store(out_ptr + rm[:, None] * N + rn[None, :], y8, mask=mask)
         if TRANSPOSE:
             if TRANS_TILE:  # transpose the tile in registers/shared memory, then coalesced stores
@@ -109,6 +115,13 @@ if triton is not None:
         rn = pid_n * BLOCK + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + rm[:, None] * N + rn[None, :], mask=(rm[:, None] < M) & (rn[None, :] < N))
         tl.store(out_ptr + rn[:, None] * M + rm[None, :], tl.trans(x), mask=(rn[:, None] < N) & (rm[None, :] < M))
+
+
+def _launch(kernel):
+    """``kernel`` as code traced by ``torch.compile`` may launch it (``torch.library.wrap_triton``; eager:
+    the kernel itself)."""
+    wrap = getattr(torch.library, "wrap_triton", None)
+    return kernel if wrap is None else wrap(kernel)
 
 
 def triton_available(device: torch.device | str) -> bool:
@@ -152,7 +165,7 @@ def fused_amax(x_hp: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     m, n = x_hp.shape
     grid = _grid(m, n)
     partial = torch.empty(grid, dtype=torch.float32, device=x_hp.device)
-    _amax_kernel[grid](x_hp, partial, m, n, x_hp.stride(0), BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N)
+    _launch(_amax_kernel)[grid](x_hp, partial, m, n, x_hp.stride(0), BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N)
     return partial.amax()
 
 
@@ -197,44 +210,67 @@ def fused_cast(x_hp: torch.Tensor, fmt: Format | str, scale: torch.Tensor, trans
     x_fp8 = torch.empty(m, n, dtype=fmt.dtype, device=x_hp.device)
     x_fp8_t = torch.empty(n, m, dtype=fmt.dtype, device=x_hp.device) if kernel_t else None
     partial = torch.empty(grid, dtype=torch.float32, device=x_hp.device) if with_amax else None
-    _cast_kernel[grid](x_hp, scale.reshape(1).float(), x_fp8, x_fp8_t if kernel_t else x_fp8,
-                       partial if with_amax else x_fp8, m, n, x_hp.stride(0),
-                       FMT_MAX=fmt.max, E4M3=fmt.name == "e4m3", TRANSPOSE=kernel_t, TRANS_TILE=trans_tile,
-                       AMAX=with_amax, BLOCK_M=_CAST_BLOCK_M, BLOCK_N=_CAST_BLOCK_N,
-                       in_scale_ptr=None if in_scale is None else in_scale.reshape(1).float(),
-                       IN_SCALE=in_scale is not None, **_cast_options(x_hp))
+    scale = scale.reshape(1).float()
+    _launch(_cast_kernel)[grid](x_hp, scale, x_fp8, x_fp8_t if kernel_t else x_fp8,
+                                partial if with_amax else x_fp8, m, n, x_hp.stride(0),
+                                FMT_MAX=fmt.max, E4M3=fmt.name == "e4m3", TRANSPOSE=kernel_t,
+                                TRANS_TILE=trans_tile, AMAX=with_amax, BLOCK_M=_CAST_BLOCK_M, BLOCK_N=_CAST_BLOCK_N,
+                                in_scale_ptr=scale if in_scale is None else in_scale.reshape(1).float(),
+                                IN_SCALE=in_scale is not None, **_cast_options(x_hp))
     if transpose and not kernel_t:
         x_fp8_t = x_fp8.t().contiguous()
     return x_fp8, x_fp8_t, (partial.amax() if with_amax else None)
 
 
-@torch.library.custom_op("fp8lm::cast_transpose_amax", mutates_args=())
-def cast_transpose_amax(x_hp: torch.Tensor, scale: torch.Tensor, fmt: str,
-                        in_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``fused_cast(x_hp, fmt, scale, transpose=True, with_amax=True, in_scale=in_scale)`` as one
-    opaque torch operator.
+def _operator(name: str, fake):
+    """Register the decorated function as the torch operator ``name`` (schema from its annotations).
 
-    ``torch.compile`` calls it as it is (Triton on CUDA, the twin elsewhere) instead of tracing its
-    parts, so a compiled FP8 linear can use the one-pass kernel; returns ``(x_fp8, x_fp8_t, amax)``.
-    """
-    return fused_cast(x_hp, fmt, scale, transpose=True, with_amax=True, in_scale=in_scale)
+    With Triton importable it is a ``torch.library.triton_op``: ``torch.compile`` traces its body, so
+    Inductor launches its Triton kernels from the compiled code like its own, without the Python
+    dispatch of an opaque operator (a ``custom_op``'s call cost about 150-250 us of host time per call
+    on the H100's host, ``benchmarks/gemm_probe.py``), and still never fuses them with other kernels.
+    Without Triton (CPUs) it is a ``custom_op`` with ``fake`` as its shape function."""
+    def register(fn):
+        if triton is not None and hasattr(torch.library, "triton_op"):
+            return torch.library.triton_op(name, fn, mutates_args=())
+        op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_fake(fake)
+        return op
+    return register
 
 
-@cast_transpose_amax.register_fake
-def _(x_hp, scale, fmt, in_scale=None):
+def _fake_cast_transpose_amax(x_hp, scale, fmt, in_scale=None):
     m, n = x_hp.shape
     dtype = get_format(fmt).dtype
     return (x_hp.new_empty((m, n), dtype=dtype), x_hp.new_empty((n, m), dtype=dtype),
             x_hp.new_empty((), dtype=torch.float32))
 
 
-@torch.library.custom_op("fp8lm::transpose_fp8", mutates_args=())
+@_operator("fp8lm::cast_transpose_amax", _fake_cast_transpose_amax)
+def cast_transpose_amax(x_hp: torch.Tensor, scale: torch.Tensor, fmt: str,
+                        in_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``fused_cast(x_hp, fmt, scale, transpose=True, with_amax=True, in_scale=in_scale)`` as one
+    torch operator.
+
+    ``torch.compile`` keeps its kernel whole (Triton on CUDA, the twin elsewhere) instead of letting
+    Inductor re-fuse its parts, so a compiled FP8 linear can use the one-pass kernel; returns
+    ``(x_fp8, x_fp8_t, amax)``.
+    """
+    return fused_cast(x_hp, fmt, scale, transpose=True, with_amax=True, in_scale=in_scale)
+
+
+def _fake_transpose_fp8(x_fp8):
+    m, n = x_fp8.shape
+    return x_fp8.new_empty((n, m))
+
+
+@_operator("fp8lm::transpose_fp8", _fake_transpose_fp8)
 def transpose_fp8(x_fp8: torch.Tensor) -> torch.Tensor:
-    """``x_fp8.t().contiguous()`` of a 2-D FP8 (or any 1-byte) tensor, as one opaque torch operator.
+    """``x_fp8.t().contiguous()`` of a 2-D FP8 (or any 1-byte) tensor, as one torch operator.
 
     On CUDA with Triton a tiled byte transpose (``_transpose_kernel``), else torch's copy; the bytes
     are the same either way. Compiled FP8 linears call it for the transposed operands of the
-    weight-gradient GEMM: as an operator of its own it keeps Inductor from writing the transposed
+    weight-gradient GEMM: as a kernel of its own it keeps Inductor from writing the transposed
     copy from inside the kernel that makes ``x_fp8`` (byte stores a row apart, which ran that kernel
     at about half of memory bandwidth on the H100, ``benchmarks/RESULTS.md``).
     """
@@ -246,11 +282,6 @@ def transpose_fp8(x_fp8: torch.Tensor) -> torch.Tensor:
         return out.copy_(x_fp8.t())
     x_fp8 = x_fp8.contiguous()
     grid = _grid(m, n, _T_BLOCK, _T_BLOCK)
-    _transpose_kernel[grid](x_fp8.view(torch.uint8), out.view(torch.uint8), m, n, BLOCK=_T_BLOCK, num_warps=8)
+    _launch(_transpose_kernel)[grid](x_fp8.view(torch.uint8), out.view(torch.uint8), m, n, BLOCK=_T_BLOCK,
+                                     num_warps=8)
     return out
-
-
-@transpose_fp8.register_fake
-def _(x_fp8):
-    m, n = x_fp8.shape
-    return x_fp8.new_empty((n, m))

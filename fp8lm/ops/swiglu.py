@@ -1,0 +1,179 @@
+"""SwiGLU's backward pass and the FP8 cast of its result in one pass: Triton on GPUs, plain torch twin.
+
+A SwiGLU MLP computes ``gu = x @ W_gu.T`` (the fused gate/up projection, (M, 2F) = [g | u]) and
+``a = silu(g) * u``. Given ``da`` (M, F), the gradient of the projection's output is::
+
+    dg = da * u * sig * (1 + g * (1 - sig))      sig = sigmoid(g); silu'(g) = sig * (1 + g * (1 - sig))
+    du = da * g * sig
+    dgu = [dg | du]                               (M, 2F)
+
+and the FP8 linear that made ``gu`` needs ``dgu`` cast to the gradient format (E5M2 by default) with
+its scale, the transposed copy its weight-gradient GEMM reads, and (delayed scaling) ``dgu``'s amax.
+Computed apart, that is a BF16 ``dgu`` written and read back, and a kernel that reads ``g`` and
+``da`` twice (an output column of either half needs both halves' inputs: Inductor's fused kernel on
+the H100 ran at 526 us per llama-0.75b layer, ``benchmarks/RESULTS.md``) plus a byte transpose. Here
+one program takes an (M, F) tile of ``g``, ``u`` and ``da`` once and writes both halves of ``dgu``
+in FP8 and one partial amax: per element of ``dgu`` it reads 3 bytes (2 of ``gu``, 1 of ``da``) and
+writes 1. The transposed copy comes from the byte transpose ``fp8lm.ops.cast.transpose_fp8`` (read 1,
+write 1). Writing it from this kernel too (the tile transposed on chip, or strided stores) gave wrong
+bytes on the H100 with Triton 3.6 when the kernel was launched directly, though not when Inductor
+launched it (``benchmarks/swiglu_debug.py``, ``benchmarks/RESULTS.md``): the same family of Triton
+fault as the float32 tiles of ``fused_cast``. Until it is understood, this kernel stores row-major only.
+
+Numerics (the twin, ``swiglu_backward_cast_reference``, is the oracle)::
+
+    dgu   = float32 math above, from BF16/FP16/float32 inputs widened exactly to float32
+    amax  = max |dgu|  (float32; NaN if dgu holds a NaN)
+    out   = cast_rne(clamp(dgu * scale, -fmt.max, fmt.max) + (dgu - dgu))    as ``fused_cast``
+
+``dgu`` is cast from float32, not first rounded to the projection's dtype (BF16) as the unfused path
+does: one rounding instead of two. The kernel and the twin agree to one FP8 ulp: Triton's ``exp``
+and torch's ``sigmoid`` may differ in the last float32 bit, which moves an FP8 rounding only when a
+value sits at a rounding boundary (the GPU test counts such bytes).
+"""
+from __future__ import annotations
+
+import torch
+
+from fp8lm.formats import Format, amax, get_format, quantize
+from fp8lm.ops.cast import _grid, _launch, _operator, transpose_fp8, triton, triton_available
+
+__all__ = ["swiglu_backward_cast", "swiglu_backward_cast_reference", "swiglu_grad_amax"]
+
+_BLOCK_M, _BLOCK_N, _WARPS = 64, 64, 4  # the tile of g, u and da; each program writes two 64 x 64 FP8 tiles
+
+if triton is not None:
+    import triton.language as tl
+
+    from fp8lm.ops.cast import _saturating_cast, _tile_amax
+
+    @triton.jit
+    def _swiglu_bwd_kernel(gu_ptr, da_ptr, scale_ptr, out_ptr, partial_ptr, M, F, stride_gu, stride_da,
+                           FMT_MAX: tl.constexpr, E4M3: tl.constexpr, CAST: tl.constexpr, AMAX: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (rm[:, None] < M) & (rn[None, :] < F)
+        row_gu = gu_ptr + rm[:, None] * stride_gu + rn[None, :]
+        g = tl.load(row_gu, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(row_gu + F, mask=mask, other=0.0).to(tl.float32)
+        da = tl.load(da_ptr + rm[:, None] * stride_da + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+        sig = 1.0 / (1.0 + tl.exp(-g))
+        dg = da * u * sig * (1.0 + g * (1.0 - sig))
+        du = da * g * sig
+        if CAST:
+            scale = tl.load(scale_ptr)
+            out_row = out_ptr + rm[:, None] * (2 * F) + rn[None, :]  # (M, 2F) row-major
+            tl.store(out_row, _saturating_cast(dg, scale, FMT_MAX, E4M3), mask=mask)
+            tl.store(out_row + F, _saturating_cast(du, scale, FMT_MAX, E4M3), mask=mask)
+        if AMAX:
+            a_g, a_u = _tile_amax(dg), _tile_amax(du)
+            a = tl.where((a_g != a_g) | (a_u != a_u), float("nan"), tl.maximum(a_g, a_u))
+            tl.store(partial_ptr + pid_m * tl.num_programs(1) + pid_n, a)
+
+
+def _check(gu: torch.Tensor, da: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if gu.dim() != 2 or da.dim() != 2 or gu.shape[1] != 2 * da.shape[1] or gu.shape[0] != da.shape[0]:
+        raise ValueError(f"swiglu backward: gu must be (M, 2F) and da (M, F), got {tuple(gu.shape)} and "
+                         f"{tuple(da.shape)}")
+    for name, t in (("gu", gu), ("da", da)):
+        if not t.is_floating_point() or t.element_size() < 2:
+            raise ValueError(f"swiglu backward: {name} must be float16, bfloat16 or float32, got {t.dtype}")
+    return (gu if gu.stride(1) == 1 else gu.contiguous()), (da if da.stride(1) == 1 else da.contiguous())
+
+
+def _grad_hp(gu: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
+    """``[dg | du]`` in float32 (the module docstring's formulas)."""
+    g, u = gu.float().chunk(2, dim=-1)  # (M, F) each
+    da = da.float()
+    sig = torch.sigmoid(g)
+    return torch.cat([da * u * sig * (1 + g * (1 - sig)), da * g * sig], dim=-1)  # (M, 2F)
+
+
+def swiglu_backward_cast_reference(gu: torch.Tensor, da: torch.Tensor, fmt: Format | str, scale: torch.Tensor,
+                                   with_amax: bool = False):
+    """The plain-torch twin of ``swiglu_backward_cast``: ``(dgu_fp8, dgu_fp8_t, amax | None)``."""
+    gu, da = _check(gu, da)
+    dgu = _grad_hp(gu, da)  # (M, 2F) float32
+    dgu_fp8 = quantize(dgu, get_format(fmt), scale)
+    return dgu_fp8, dgu_fp8.t().contiguous(), (amax(dgu) if with_amax else None)
+
+
+def _use_kernel(gu: torch.Tensor) -> bool:
+    return gu.is_cuda and triton_available(gu.device) and gu.numel() > 0
+
+
+def _fake_swiglu_grad_amax(gu, da):
+    return gu.new_empty((), dtype=torch.float32)
+
+
+def swiglu_grad_amax(gu: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
+    """``max |dgu|`` (float32 scalar; NaN if any element is NaN) without writing ``dgu``: the first of
+    two passes when the cast's scale needs the amax first (current scaling, a delayed history's first step).
+    Triton on CUDA, the twin elsewhere; compiled code calls it as the operator ``fp8lm::swiglu_grad_amax``."""
+    return (_swiglu_grad_amax_op if torch.compiler.is_compiling() else _swiglu_grad_amax)(gu, da)
+
+
+def _swiglu_grad_amax(gu: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
+    gu, da = _check(gu, da)
+    if not _use_kernel(gu):
+        return amax(_grad_hp(gu, da))
+    m, f = da.shape
+    grid = _grid(m, f, _BLOCK_M, _BLOCK_N)
+    partial = torch.empty(grid, dtype=torch.float32, device=gu.device)
+    _launch(_swiglu_bwd_kernel)[grid](gu, da, partial, partial, partial, m, f, gu.stride(0), da.stride(0),
+                                      FMT_MAX=448.0, E4M3=True, CAST=False, AMAX=True, BLOCK_M=_BLOCK_M,
+                                      BLOCK_N=_BLOCK_N, num_warps=_WARPS)
+    return partial.amax()
+
+
+_swiglu_grad_amax_op = _operator("fp8lm::swiglu_grad_amax", _fake_swiglu_grad_amax)(_swiglu_grad_amax)
+
+
+def _fake_swiglu_backward_cast(gu, da, scale, fmt, with_amax):
+    m, f = da.shape
+    dtype = get_format(fmt).dtype
+    return (gu.new_empty((m, 2 * f), dtype=dtype), gu.new_empty((2 * f, m), dtype=dtype),
+            gu.new_empty((), dtype=torch.float32))
+
+
+def _swiglu_backward_cast(gu: torch.Tensor, da: torch.Tensor, scale: torch.Tensor, fmt: str,
+                             with_amax: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gu, da = _check(gu, da)
+    fmt_ = get_format(fmt)
+    if not _use_kernel(gu):
+        dgu_fp8, dgu_fp8_t, a = swiglu_backward_cast_reference(gu, da, fmt_, scale, with_amax)
+        return dgu_fp8, dgu_fp8_t, (a if with_amax else gu.new_zeros((), dtype=torch.float32))
+    m, f = da.shape
+    grid = _grid(m, f, _BLOCK_M, _BLOCK_N)
+    out = torch.empty(m, 2 * f, dtype=fmt_.dtype, device=gu.device)
+    partial = torch.empty(grid, dtype=torch.float32, device=gu.device)
+    _launch(_swiglu_bwd_kernel)[grid](gu, da, scale.reshape(1).float(), out, partial, m, f, gu.stride(0),
+                                      da.stride(0), FMT_MAX=fmt_.max, E4M3=fmt_.name == "e4m3", CAST=True,
+                                      AMAX=with_amax, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, num_warps=_WARPS)
+    out_t = transpose_fp8(out)  # (2F, M): the byte transpose (module docstring: not from this kernel)
+    return out, out_t, (partial.amax() if with_amax else partial.new_zeros(()))
+
+
+_swiglu_backward_cast_op = _operator("fp8lm::swiglu_backward_cast", _fake_swiglu_backward_cast)(_swiglu_backward_cast)
+
+
+def swiglu_backward_cast(gu: torch.Tensor, da: torch.Tensor, fmt: Format | str, scale: torch.Tensor,
+                         with_amax: bool = False):
+    """SwiGLU's input gradient cast to FP8 in one pass: ``(dgu_fp8, dgu_fp8_t, amax | None)``.
+
+    ``gu`` (M, 2F) is the saved ``[g | u]``, ``da`` (M, F) the gradient of ``silu(g) * u``; ``dgu_fp8``
+    (M, 2F) and its transposed copy ``dgu_fp8_t`` (2F, M) are ``dgu`` cast with ``scale`` (a one-element
+    float32 tensor) to ``fmt``; ``amax`` is ``max |dgu|`` when ``with_amax``. Triton on CUDA, the twin
+    elsewhere (module docstring).
+
+    Compiled code calls it as the operator ``fp8lm::swiglu_backward_cast`` (a ``triton_op``: Inductor
+    launches the kernel); eager code launches the kernel directly, without the operator's dispatch.
+    """
+    fmt = get_format(fmt)
+    if scale.numel() != 1:
+        raise ValueError(f"scale must have one element, got shape {tuple(scale.shape)}")
+    call = _swiglu_backward_cast_op if torch.compiler.is_compiling() else _swiglu_backward_cast
+    dgu_fp8, dgu_fp8_t, a = call(gu, da, scale, fmt.name, bool(with_amax))
+    return dgu_fp8, dgu_fp8_t, (a if with_amax else None)

@@ -9,20 +9,14 @@
   interpreter``, needs Triton installed): everything but the FP32->FP8 rounding itself, which the
   interpreter emulates differently from hardware (see ``test_interpreter_kernels_match_oracle``).
 """
-import os
 
 import pytest
 import torch
 
-from conftest import randn_heavy
+from conftest import INTERPRET, interpreter_fp8_cast, needs_interpreter, needs_triton, randn_heavy
 from fp8lm.formats import E4M3, E5M2, amax, quantize, scale_from_amax
 from fp8lm.ops.cast import cast_reference, fused_amax, fused_cast, triton_available
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-needs_triton = pytest.mark.skipif(INTERPRET or not (torch.cuda.is_available() and triton_available("cuda")),
-                                  reason="needs a CUDA GPU and Triton (not the interpreter)")
-needs_interpreter = pytest.mark.skipif(not (INTERPRET and triton_available("cpu")),
-                                       reason="needs Triton and TRITON_INTERPRET=1")
 SHAPES = [(37, 100), (1000, 515), (2048, 4096)]
 
 
@@ -309,28 +303,12 @@ def test_interpreter_transpose_kernel(seed):
 def test_interpreter_kernels_match_oracle(shape, dtype, seed):
     """Under Triton's interpreter: indexing, masks, tiles, transposes, NaN/inf handling and amax.
 
-    The interpreter converts FP32 to FP8 in numpy and rounds differently from hardware and torch
-    (a carry into the next binade, subnormals), so the oracle is the twin's float32 pre-cast values,
-    ``clamp(x * s) + (x - x)``, cast by a one-line Triton kernel under the same interpreter.
+    The oracle is the twin's float32 pre-cast values, ``clamp(x * s) + (x - x)``, cast under the same
+    interpreter (``conftest.interpreter_fp8_cast``: its FP8 rounding differs from torch's).
     """
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def plain_cast(y_ptr, o_ptr, n, IS_E4M3: tl.constexpr, BLOCK: tl.constexpr):
-        r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        y = tl.load(y_ptr + r, mask=r < n)
-        if IS_E4M3:
-            tl.store(o_ptr + r, y.to(tl.float8e4nv, fp_downcast_rounding="rtne"), mask=r < n)
-        else:
-            tl.store(o_ptr + r, y.to(tl.float8e5, fp_downcast_rounding="rtne"), mask=r < n)
-
     def oracle(x, fmt, scale):
         x_f32 = x.float()
-        y = ((x_f32 * scale).clamp(-fmt.max, fmt.max) + (x_f32 - x_f32)).contiguous()
-        out = torch.empty(x.shape, dtype=fmt.dtype)
-        plain_cast[(triton.cdiv(y.numel(), 1024),)](y, out, y.numel(), IS_E4M3=fmt.name == "e4m3", BLOCK=1024)
-        return out
+        return interpreter_fp8_cast((x_f32 * scale).clamp(-fmt.max, fmt.max) + (x_f32 - x_f32), fmt)
 
     m, n = shape
     x = _plant_nonfinite(_input(m, n, dtype, "cpu"))

@@ -14,22 +14,16 @@
 * GPU (skipped without CUDA and Triton; not under the interpreter): the same at 2048x5632.
 """
 import math
-import os
 
 import pytest
 import torch
 
+from conftest import INTERPRET, needs_interpreter, needs_triton
 from fp8lm.formats import E4M3
-from fp8lm.ops.cast import triton_available
 from fp8lm.optim import AdamW, fused_step_enabled, set_fused_step
 from fp8lm.optim.adam import FP16, _Fp8Step, _update_bound
 from fp8lm.tensor import ScaledTensor
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-needs_triton = pytest.mark.skipif(INTERPRET or not (torch.cuda.is_available() and triton_available("cuda")),
-                                  reason="needs a CUDA GPU and Triton (not the interpreter)")
-needs_interpreter = pytest.mark.skipif(not (INTERPRET and triton_available("cpu")),
-                                       reason="needs Triton and TRITON_INTERPRET=1")
 # Weights: FP32 arithmetic on operands up to about 0.1 (the update lr / (1 - b1^t) * m / denom and the
 # weight) may round differently by a few FP32 ulps of 0.1 (7.5e-9 each) before the FP16 rounding of a
 # master (in its stored units: times its scale); when the update nearly cancels the weight, that

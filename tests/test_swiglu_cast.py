@@ -1,23 +1,15 @@
 """SwiGLU's backward fused with the FP8 cast (``fp8lm.ops.swiglu``) and its use by ``Float8Linear``."""
-import os
-
 import pytest
 import torch
 from torch import nn
 
-from conftest import randn_heavy
+from conftest import interpreter_fp8_cast, needs_interpreter, needs_triton, randn_heavy
 from fp8lm.formats import E4M3, E5M2, amax, dequantize, quantize, scale_from_amax
 from fp8lm.nn.activations import linear_swiglu, swiglu
 from fp8lm.nn.linear import Float8Linear, set_fused_swiglu
-from fp8lm.ops.cast import triton_available
 from fp8lm.ops.swiglu import swiglu_backward_cast, swiglu_backward_cast_reference, swiglu_grad_amax
 from fp8lm.scaling import Recipe
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-needs_triton = pytest.mark.skipif(INTERPRET or not (torch.cuda.is_available() and triton_available("cuda")),
-                                  reason="needs a CUDA GPU and Triton (not the interpreter)")
-needs_interpreter = pytest.mark.skipif(not (INTERPRET and triton_available("cpu")),
-                                       reason="needs Triton and TRITON_INTERPRET=1")
 
 
 def _sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -196,24 +188,10 @@ def test_interpreter_kernel_matches_twin(shape, seed):
         mod._swiglu_bwd_kernel[grid](gu, da, scale.reshape(1), out, partial, m, f, gu.stride(0), da.stride(0),
                                      FMT_MAX=fmt.max, E4M3=fmt is E4M3, CAST=cast, AMAX=True,
                                      BLOCK_M=mod._BLOCK_M, BLOCK_N=mod._BLOCK_N)
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def plain_cast(y_ptr, o_ptr, n, IS_E4M3: tl.constexpr, BLOCK: tl.constexpr):  # the interpreter's own rounding
-        r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        y = tl.load(y_ptr + r, mask=r < n)
-        if IS_E4M3:
-            tl.store(o_ptr + r, y.to(tl.float8e4nv, fp_downcast_rounding="rtne"), mask=r < n)
-        else:
-            tl.store(o_ptr + r, y.to(tl.float8e5, fp_downcast_rounding="rtne"), mask=r < n)
-
     dgu = mod._grad_hp(gu, da)  # the twin's float32 values
     for fmt in (E4M3, E5M2):
         scale = scale_from_amax(amax(dgu), fmt)
-        y = ((dgu * scale).clamp(-fmt.max, fmt.max) + (dgu - dgu)).contiguous()
-        ref = torch.empty(y.shape, dtype=fmt.dtype)
-        plain_cast[(triton.cdiv(y.numel(), 1024),)](y, ref, y.numel(), IS_E4M3=fmt is E4M3, BLOCK=1024)
+        ref = interpreter_fp8_cast((dgu * scale).clamp(-fmt.max, fmt.max) + (dgu - dgu), fmt)
         ref_a = amax(dgu)
         out = torch.empty(m, 2 * f, dtype=fmt.dtype)
         launch(fmt, scale, out)

@@ -41,14 +41,20 @@ def phases(model, optimizer, x, y, steps: int = 5) -> dict:
     return {n: statistics.median(t) for n, t in times.items()}
 
 
-def small_kernels(prof, steps: int, under_us: float = 5.0) -> str:
-    """One line: the CUDA kernels averaging under ``under_us`` (scale math, amax histories): calls and time per step."""
+def small_kernels(prof, steps: int, under_us: float = 5.0, top: int = 20) -> str:
+    """The CUDA kernels under ``under_us`` each (scale math, amax histories): one summary line (calls and
+    time per step), then the ``top`` most frequent names with their calls per step."""
     calls = total = 0.0
+    names = {}
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time < under_us:
             calls, total = calls + 1, total + e.device_time
-    return (f"== kernels under {under_us:g} us: {calls / steps:.0f} per step, "
-            f"{total / steps / 1e3:.2f} ms of GPU time per step")
+            names[e.name] = names.get(e.name, 0) + 1
+    lines = [f"== kernels under {under_us:g} us: {calls / steps:.0f} per step, "
+             f"{total / steps / 1e3:.2f} ms of GPU time per step"]
+    for name, n in sorted(names.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"   {n / steps:6.0f}  {name[:150]}")
+    return "\n".join(lines)
 
 
 def main() -> None:

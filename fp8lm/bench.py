@@ -32,11 +32,13 @@ same for every column, and ratios are taken inside the run.
   gradients, as at O0 and torchao), optimizer step, ``zero_grad``.
   O1 and O2 take the default plain casts (``set_fused_cast(False)``: compiled, Inductor fuses them
   into the kernels that produce their operands) and the fused SwiGLU (``set_fused_swiglu(True)``:
-  the MLP's gradient cast to FP8 inside SwiGLU's backward kernel); where Triton runs on CUDA three
-  more rows show the alternatives: ``O1 grad`` (the output gradients' casts in the Triton kernel,
-  ``set_fused_cast("grad")``), ``O1 triton`` (every cast there, ``set_fused_cast(True)``) and
-  ``O1 swiglu apart`` (the gate/up projection and SwiGLU apart, ``set_fused_swiglu(False)``);
-  compiled, the kernels are the operators ``fp8lm::cast_transpose_amax`` and ``fp8lm::swiglu_backward_cast``.
+  the MLP's gradient cast to FP8 inside SwiGLU's backward kernel); where Triton runs on CUDA more
+  rows show the alternatives: ``O1 grad`` (the output gradients' casts in the Triton kernel,
+  ``set_fused_cast("grad")``), ``O1 triton`` (every cast there, ``set_fused_cast(True)``),
+  ``O1 swiglu apart`` (the gate/up projection and SwiGLU apart, ``set_fused_swiglu(False)``) and, for
+  O0 and O1, ``plain loss`` (the loss as ``F.cross_entropy(logits.float())`` instead of the Triton
+  kernels of ``fp8lm.ops.cross_entropy``, ``set_fused_cross_entropy(False)``); compiled, the kernels
+  are the operators ``fp8lm::cast_transpose_amax`` and ``fp8lm::swiglu_backward_cast``.
   O0 is the strongest honest BF16 baseline: BF16 autocast, torch's fused AdamW, compiled exactly as
   the FP8 levels are (per transformer block, ``block.compile()``, the way the issue's reference
   numbers were taken); the output head stays BF16 at every level. O1/O2 use the optimizer
@@ -283,22 +285,27 @@ def _scaled_mm_only(m: int, k: int, n: int, device: str):
     return hp, fp8
 
 
-# step-row suffix -> (set_fused_cast mode, set_fused_swiglu): the O1 rows next to the default one
-FUSED_CAST_ROWS = {" grad": ("grad", True), " triton": (True, True), " swiglu apart": (False, False)}
+# step-row suffix -> (set_fused_cast mode, set_fused_swiglu, set_fused_cross_entropy): the rows next to the
+# default ones; "plain loss" is the only one that also applies to O0
+FUSED_CAST_ROWS = {" plain loss": (False, True, False), " grad": ("grad", True, True),
+                   " triton": (True, True, True), " swiglu apart": (False, False, True)}
+O0_ROWS = (" plain loss",)
 
 
-def _with_fused_cast(fn, mode: bool | str = True, swiglu: bool = True):
-    """`fn` run with `Float8Linear`'s Triton fused casts set to `mode` (`set_fused_cast`; True: every cast)
-    and its fused SwiGLU on or off (`set_fused_swiglu`)."""
+def _with_fused_cast(fn, mode: bool | str = True, swiglu: bool = True, loss: bool = True):
+    """`fn` run with `Float8Linear`'s Triton fused casts set to `mode` (`set_fused_cast`; True: every cast),
+    its fused SwiGLU on or off (`set_fused_swiglu`) and the loss's kernels on or off (`set_fused_cross_entropy`)."""
     from fp8lm.nn.linear import set_fused_cast, set_fused_swiglu
+    from fp8lm.ops.cross_entropy import set_fused_cross_entropy
 
     def call():
-        old, old_swiglu = set_fused_cast(mode), set_fused_swiglu(swiglu)
+        old, old_swiglu, old_loss = set_fused_cast(mode), set_fused_swiglu(swiglu), set_fused_cross_entropy(loss)
         try:
             return fn()
         finally:
             set_fused_cast(old)
             set_fused_swiglu(old_swiglu)
+            set_fused_cross_entropy(old_loss)
     return call
 
 
@@ -490,8 +497,10 @@ def bench_steps(cfg: BenchConfig, budget: _Budget, rows: list | None = None, on_
     settings = {"off": [False], "on": [True], "both": [False, True]}[cfg.compile]
     rows = rows if rows is not None else []
     for compiled in settings:
-        extra = (["O1" + s for s in FUSED_CAST_ROWS] if "O1" in cfg.levels and cfg.device.startswith("cuda")
-                 and triton_available(cfg.device) else [])
+        extra = []
+        if cfg.device.startswith("cuda") and triton_available(cfg.device):
+            extra = [lv + s for lv in ("O0", "O1") if lv in cfg.levels
+                     for s in (O0_ROWS if lv == "O0" else FUSED_CAST_ROWS)]
         for variant in variants + extra:
             tag = f"{variant} {'compiled' if compiled else 'eager'}"
             if not budget.left():

@@ -6,7 +6,8 @@ Pieces: RMSNorm (computed in float32), rotary position embeddings (RoPE), causal
 multi-head attention through `F.scaled_dot_product_attention` with a fused QKV
 projection, a SwiGLU MLP with a fused gate/up projection, and an untied output head.
 Norm, SwiGLU and attention go through `fp8lm.nn.activations`, which saves less for backward
-(and, when `fp8lm.initialize` sets `fp8_saved_activations` at O2, saves it in FP8).
+(and, when `fp8lm.initialize` sets `fp8_saved_activations` at O2, saves it in FP8). The loss is
+`fp8lm.ops.cross_entropy`: float32 math on the logits without a float32 copy of them (Triton on GPUs).
 
 Every matrix multiply lives in an `nn.Linear` without bias (`attn.qkv`, `attn.proj`,
 `mlp.gate_up`, `mlp.down`, `head`), so `fp8lm.initialize` can swap them for FP8
@@ -27,9 +28,9 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fp8lm.nn.activations import causal_attention, linear_swiglu, rms_norm
+from fp8lm.ops.cross_entropy import cross_entropy
 
 
 @dataclass(frozen=True)
@@ -219,7 +220,7 @@ class GPT(nn.Module):
         logits = self.head(self.norm(x))  # (B, T, V)
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T))
+        loss = cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))  # float32 math, no float32 copy
         return logits, loss
 
     def num_params(self, exclude_embedding: bool = False) -> int:

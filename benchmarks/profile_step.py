@@ -57,6 +57,30 @@ def small_kernels(prof, steps: int, under_us: float = 5.0, top: int = 20) -> str
     return "\n".join(lines)
 
 
+def idle_gaps(prof, steps: int, top: int = 15, min_us: float = 3.0) -> str:
+    """Where the GPU waits: kernel intervals merged into busy time over the profiled span, the idle total in
+    gaps of at least ``min_us`` per step, and the ``top`` longest gaps with the kernels on either side."""
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA)
+    if not kernels:
+        return "== no CUDA kernels recorded"
+    gaps, busy, end, last = [], 0.0, kernels[0][0], kernels[0][2]
+    for start, stop, name in kernels:
+        if start > end:
+            gaps.append((start - end, last, name))
+        busy += max(0.0, stop - max(start, end))
+        if stop > end:
+            end, last = stop, name
+    span = end - kernels[0][0]
+    idle = sum(g for g, _, _ in gaps if g >= min_us)
+    lines = [f"== GPU busy {busy / steps / 1e3:.1f} ms of {span / steps / 1e3:.1f} ms per step; "
+             f"idle in gaps of {min_us:g} us or more: {idle / steps / 1e3:.2f} ms per step "
+             f"({sum(1 for g, _, _ in gaps if g >= min_us) / steps:.0f} gaps)"]
+    for g, before, after in sorted(gaps, reverse=True)[:top]:
+        lines.append(f"   {g:8.1f} us  after {before[:70]}  before {after[:70]}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     recipe = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--recipe=")), "current")
     rows = int(next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--rows=")), "25"))
@@ -87,6 +111,7 @@ def main() -> None:
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=width), flush=True)
         print(small_kernels(prof, steps=2), flush=True)
+        print(idle_gaps(prof, steps=2), flush=True)
         del model, optimizer
 
 

@@ -4,7 +4,8 @@
 
 Launches ``variant_kernel`` below (``fp8lm.ops.swiglu._swiglu_bwd_kernel`` as first written, with its
 transposed stores) directly with each ``TRANS`` form (0: no transposed copy, 1: FP8 tiles transposed on
-chip, 2: float32 tiles transposed then cast, 3: strided stores), format, dtype and shape, and prints how
+chip, 2: float32 tiles transposed then cast, 3: strided stores, 4: the FP8 tiles bitcast to uint8 and
+transposed on chip, as ``fp8lm.ops.cast._transpose_kernel`` does, 5: both copies stored as uint8 bits), format, dtype and shape, and prints how
 many FP8 bytes differ by more than one step from the twin's (``swiglu_backward_cast_reference`` on the
 same GPU), how many still hold the fill value, and whether the transposed copy equals ``out.t()``.
 On the H100 (Triton 3.6, 2026-11-23, ``benchmarks/results/bench_h100/17_swiglu_debug.txt``) only
@@ -38,9 +39,19 @@ def variant_kernel(gu_ptr, da_ptr, scale_ptr, out_ptr, out_t_ptr, partial_ptr, M
         scale = tl.load(scale_ptr)
         dg8 = _saturating_cast(dg, scale, FMT_MAX, E4M3)
         du8 = _saturating_cast(du, scale, FMT_MAX, E4M3)
-        out_row = out_ptr + rm[:, None] * (2 * F) + rn[None, :]  # (M, 2F) row-major
-        tl.store(out_row, dg8, mask=mask)
-        tl.store(out_row + F, du8, mask=mask)
+        if TRANS == 5:  # both copies stored as uint8 bits: row-major, and transposed on chip
+            dg_bits, du_bits = dg8.to(tl.uint8, bitcast=True), du8.to(tl.uint8, bitcast=True)
+            out_row8 = out_ptr.to(tl.pointer_type(tl.uint8)) + rm[:, None] * (2 * F) + rn[None, :]
+            tl.store(out_row8, dg_bits, mask=mask)
+            tl.store(out_row8 + F, du_bits, mask=mask)
+            mask_t = (rn[:, None] < F) & (rm[None, :] < M)
+            out_t8 = out_t_ptr.to(tl.pointer_type(tl.uint8)) + rn[:, None] * M + rm[None, :]
+            tl.store(out_t8, tl.trans(dg_bits), mask=mask_t)
+            tl.store(out_t8 + F * M, tl.trans(du_bits), mask=mask_t)
+        else:
+            out_row = out_ptr + rm[:, None] * (2 * F) + rn[None, :]  # (M, 2F) row-major
+            tl.store(out_row, dg8, mask=mask)
+            tl.store(out_row + F, du8, mask=mask)
         if TRANS == 1:  # FP8 tiles transposed on chip
             mask_t = (rn[:, None] < F) & (rm[None, :] < M)
             out_t = out_t_ptr + rn[:, None] * M + rm[None, :]  # (2F, M) row-major
@@ -55,6 +66,11 @@ def variant_kernel(gu_ptr, da_ptr, scale_ptr, out_ptr, out_t_ptr, partial_ptr, M
             out_t = out_t_ptr + rn[None, :] * M + rm[:, None]
             tl.store(out_t, dg8, mask=mask)
             tl.store(out_t + F * M, du8, mask=mask)
+        elif TRANS == 4:  # the FP8 tiles as uint8 bits, transposed on chip (as the working byte transpose)
+            mask_t = (rn[:, None] < F) & (rm[None, :] < M)
+            out_t = out_t_ptr.to(tl.pointer_type(tl.uint8)) + rn[:, None] * M + rm[None, :]
+            tl.store(out_t, tl.trans(dg8.to(tl.uint8, bitcast=True)), mask=mask_t)
+            tl.store(out_t + F * M, tl.trans(du8.to(tl.uint8, bitcast=True)), mask=mask_t)
     if AMAX:
         a_g, a_u = _tile_amax(dg), _tile_amax(du)
         a = tl.where((a_g != a_g) | (a_u != a_u), float("nan"), tl.maximum(a_g, a_u))
@@ -83,9 +99,12 @@ def run(m, f, fmt, dtype, trans, warps):
     return bad, unwritten, t_ok
 
 
+TRANS_FORMS = (0, 1, 3, 4, 5)
+
+
 def main():
-    for warps in (4, 8):
-        for trans in (0, 1, 2, 3):
+    for warps in (4,):
+        for trans in TRANS_FORMS:
             for fmt in (E4M3, E5M2):
                 for dtype in (torch.bfloat16, torch.float32):
                     res = [run(m, f, fmt, dtype, trans, warps) for m, f in ((37, 19), (1000, 515), (4096, 2816))]

@@ -637,20 +637,21 @@ def format_tables(result: dict) -> str:
             lines.append(f"{r['label']:<20}" + "".join(f"{c:>20}" for c in cells))
     if result["step"]:
         cfg = meta["config"]
+        width = max([12] + [len(r["variant"]) + 1 for r in result["step"]])  # the variant column
         peak = (f"MFU vs {meta['peak_tflops']:.0f} TFLOP/s ({meta['peak_note'] or 'given peak'})"
                 if meta["peak_tflops"] else "MFU n/a (no peak for this device)")
         lines += ["", f"Step level: {cfg['preset']}, {cfg['batch_size']} x {cfg['seq_len']} tokens, median of "
                   f"{cfg['steps']} steps after {cfg['warmup']} warm-up; {peak}",
-                  f"{'variant':<12}{'compile':>9}{'ms/step':>10}{'fwd+bwd':>10}{'optim':>8}{'tokens/s':>11}"
+                  f"{'variant':<{width}}{'compile':>9}{'ms/step':>10}{'fwd+bwd':>10}{'optim':>8}{'tokens/s':>11}"
                   f"{'MFU':>7}{'peak GiB':>10}{'vs O0':>8}"]
         for r in result["step"]:
             comp = "yes" if r["compile"] else "no"
             if "ms_per_step" not in r:
-                lines.append(f"{r['variant']:<12}{comp:>9}  {r.get('error') or r.get('skipped')}")
+                lines.append(f"{r['variant']:<{width}}{comp:>9}  {r.get('error') or r.get('skipped')}")
                 continue
             mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
             ratio = f"{r['ratio_vs_O0']:.2f}x" if "ratio_vs_O0" in r else "-"
-            lines.append(f"{r['variant']:<12}{comp:>9}{r['ms_per_step']:>10.1f}{_cell(r, 'fwd_bwd_ms', '.1f'):>10}"
+            lines.append(f"{r['variant']:<{width}}{comp:>9}{r['ms_per_step']:>10.1f}{_cell(r, 'fwd_bwd_ms', '.1f'):>10}"
                          f"{_cell(r, 'optimizer_ms', '.1f'):>8}{r['tokens_per_s']:>11,.0f}{mfu:>7}"
                          f"{_cell(r, 'peak_mem_gib', '.2f'):>10}{ratio:>8}")
     return "\n".join(lines)

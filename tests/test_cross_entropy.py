@@ -68,6 +68,8 @@ def test_cross_entropy_errors():
         cross_entropy(z, t[:3])
     with pytest.raises(ValueError, match="floating-point"):
         cross_entropy(z.long(), t)
+    with pytest.raises(ValueError, match="one device"):
+        cross_entropy(z.to("meta"), t)
 
 
 def test_cross_entropy_all_ignored_and_nan():
@@ -99,7 +101,8 @@ def test_cross_entropy_kernel_interpreter(seed, dtype):
 @needs_triton
 @pytest.mark.parametrize("n, v", [(512, 32000), (77, 50257)])
 def test_cross_entropy_kernel_gpu(seed, n, v):
-    """On the GPU: kernel against twin (loss to a few float32 ulps, BF16 gradient within one ulp), compiled == eager."""
+    """On the GPU: kernel against twin (loss to a few float32 ulps, BF16 gradient within one ulp); compiled, the
+    same kernels give the same gradient bits (the loss's sum over rows may round differently in Inductor's code)."""
     z, t = _inputs(n, v, torch.bfloat16, device="cuda")
     loss, grad = _loss_and_grad(cross_entropy, z, t)
     loss_ref, grad_ref = _loss_and_grad(cross_entropy_reference, z, t)
@@ -107,7 +110,8 @@ def test_cross_entropy_kernel_gpu(seed, n, v):
     _assert_grad_close(grad, grad_ref, t)
     _check_against_float64(z.cpu(), t.cpu(), loss.cpu(), grad.cpu())
     loss_c, grad_c = _loss_and_grad(torch.compile(cross_entropy, fullgraph=True), z, t)
-    assert torch.equal(loss_c, loss) and torch.equal(grad_c, grad)
+    assert torch.equal(grad_c, grad)
+    assert abs(loss_c - loss) <= 1e-6 * loss.abs()
 
 
 def test_set_fused_cross_entropy_picks_the_path():

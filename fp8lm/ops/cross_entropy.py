@@ -91,6 +91,9 @@ def _check(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     if targets.shape != logits.shape[:1] or targets.dtype != torch.int64:
         raise ValueError(f"cross_entropy: targets must be int64 of shape ({logits.shape[0]},), got "
                          f"{tuple(targets.shape)} {targets.dtype}")
+    if targets.device != logits.device:
+        raise ValueError(f"cross_entropy: targets are on {targets.device}, logits on {logits.device}; "
+                         "both must be on one device")
     return logits if logits.stride(1) == 1 else logits.contiguous()
 
 

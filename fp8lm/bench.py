@@ -287,7 +287,7 @@ def _scaled_mm_only(m: int, k: int, n: int, device: str):
 
 # step-row suffix -> (set_fused_cast mode, set_fused_swiglu, set_fused_cross_entropy): the rows next to the
 # default ones; "plain loss" is the only one that also applies to O0
-FUSED_CAST_ROWS = {" plain loss": (False, True, False), " grad": ("grad", True, True),
+ALTERNATIVE_ROWS = {" plain loss": (False, True, False), " grad": ("grad", True, True),
                    " triton": (True, True, True), " swiglu apart": (False, False, True)}
 O0_ROWS = (" plain loss",)
 
@@ -436,7 +436,7 @@ def bench_step_one(cfg: BenchConfig, variant: str, compiled: bool) -> dict:
     cuda = cfg.device.startswith("cuda")
     if compiled:
         torch._dynamo.reset()
-    suffix = next((s for s in FUSED_CAST_ROWS if variant.endswith(s)), "")  # Triton fused casts on
+    suffix = next((s for s in ALTERNATIVE_ROWS if variant.endswith(s)), "")  # Triton fused casts on
     model, optimizer = _build(cfg, variant.removesuffix(suffix) if suffix else variant)
     if compiled:
         for block in model.layers:
@@ -449,7 +449,7 @@ def bench_step_one(cfg: BenchConfig, variant: str, compiled: bool) -> dict:
         torch.cuda.reset_peak_memory_stats(cfg.device)
     marks = [] if cuda else None
     step = _step_fn(model, optimizer, x, y, marks)
-    step = _with_fused_cast(step, *FUSED_CAST_ROWS[suffix]) if suffix else step
+    step = _with_fused_cast(step, *ALTERNATIVE_ROWS[suffix]) if suffix else step
     t0 = time.perf_counter()
     for _ in range(cfg.warmup):
         step()
@@ -500,7 +500,7 @@ def bench_steps(cfg: BenchConfig, budget: _Budget, rows: list | None = None, on_
         extra = []
         if cfg.device.startswith("cuda") and triton_available(cfg.device):
             extra = [lv + s for lv in ("O0", "O1") if lv in cfg.levels
-                     for s in (O0_ROWS if lv == "O0" else FUSED_CAST_ROWS)]
+                     for s in (O0_ROWS if lv == "O0" else ALTERNATIVE_ROWS)]
         for variant in variants + extra:
             tag = f"{variant} {'compiled' if compiled else 'eager'}"
             if not budget.left():

@@ -9,9 +9,10 @@ A language model's loss over N tokens with logits ``z`` (N, V) and targets ``t``
 The plain expression ``F.cross_entropy(logits.float(), t)`` (the twin, ``cross_entropy_reference``)
 widens the logits into a float32 copy, keeps float32 log-probabilities for backward, and its backward
 fills a float32 zero tensor, scatters into it, writes a float32 gradient and casts that back to the
-logits' dtype. On ``llama-0.75b`` (16384 x 32000 logits: 1.05 GB in BF16) that is about 9 ms of the
-H100's step, for O0 and every FP8 level alike (``benchmarks/RESULTS.md``), and 2 GB tensors in the
-peak. Here, with Triton:
+logits' dtype. On ``llama-0.75b`` (16384 x 32000 logits: 1.05 GB in BF16) that took 8.8 ms of the
+H100's step and 4.9 GiB of temporaries at its peak, for O0 and every FP8 level alike
+(``benchmarks/xent_bench.py``, ``benchmarks/RESULTS.md``). Here, with Triton (1.2 ms, no temporaries
+beyond the gradient):
 
 * forward, one program per row: read ``z_i`` once in blocks of the vocabulary, keeping a running
   maximum ``m`` and a running sum ``s`` of ``exp(z - m)`` (rescaled by ``exp(m_old - m_new)`` when the

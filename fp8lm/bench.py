@@ -10,7 +10,22 @@ same for every column, and ratios are taken inside the run.
   the **median** of the repeats. On a CPU the timers are wall-clock around a synchronous call.
 * GEMM level: one linear layer's forward + backward, ``out = x @ w.T``, ``grad_x = g @ w``,
   ``grad_w = g.T @ x``: 6·M·K·N FLOPs. ``x`` (M, K) and ``grad_out`` (M, N) are BF16, random
-  normal (never zeros). Columns:
+  normal (never zeros). All variants of a shape are built and warmed up (compiled) first, then
+  timed in interleaved rounds: each round runs every variant in turn (one untimed call, then 3
+  timed ones on CUDA), in an order shuffled for every round, with no synchronization
+  inside a round, and each column is the median over all its rounds (``--gemm-repeats`` timed
+  calls; the JSON keeps every call's time, in round order, and the quartiles). A synchronization
+  before each variant's calls (tried first) made the first timed call after it slow for every
+  variant, most for the FP8 layers, whose host work per call is largest (8192^3: 3.8 ms against
+  2.96 for the next two calls; BF16 4.8 against 4.6), so rounds are not synchronized inside. A
+  fixed cyclic order (tried next) gave each variant the same predecessor every round, and BF16
+  GEMMs ran slower right after a power-hungry FP8 variant: ``nn.Linear`` (after torchao's compiled
+  layer) 5.05 ms at 8192^3 against 4.16 for the same three GEMMs bare (after torchao's eager
+  layer), while alone, interleaved with each other, the two ran alike; hence the shuffle.
+  Timed one after the other instead, the same BF16 GEMMs ran 4.34 ms in the first column and
+  4.74 ms in a later one of one process at 8192^3 (``benchmarks/RESULTS.md``): the H100's clocks
+  drift with its load, and a sequential table hands the drift to whichever column ran last.
+  Columns:
 
   - ``bf16``: ``nn.Linear`` with BF16 weights (no casts at all: the strongest BF16 layer);
   - ``fp8``: ``fp8lm.nn.Float8Linear`` as levels O1/O2 build it (FP16 master with a scale, FP8
@@ -62,6 +77,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -149,7 +165,7 @@ def resolve(cfg: BenchConfig) -> BenchConfig:
         batch_size=cfg.batch_size or (8 if cuda else 4),
         seq_len=cfg.seq_len or (PRESETS[preset].seq_len if cuda else 64),
         steps=cfg.steps or (10 if cuda else 2), warmup=cfg.warmup if cfg.warmup is not None else (3 if cuda else 1),
-        gemm_repeats=cfg.gemm_repeats or (20 if cuda else 3),
+        gemm_repeats=cfg.gemm_repeats or (60 if cuda else 3),
         gemm_shapes=tuple(cfg.gemm_shapes or (GEMM_SHAPES if cuda else SMOKE_GEMM_SHAPES)),
         compile=compile_mode, torchao=cfg.torchao, gemm=cfg.gemm, step=cfg.step,
         peak_tflops=cfg.peak_tflops or _default_peak(device),
@@ -344,45 +360,125 @@ def _gemm_closures(m: int, k: int, n: int, cfg: BenchConfig, phase: str, ao: boo
     return makers
 
 
-def bench_gemm(cfg: BenchConfig, budget: _Budget, phase: str = "eager", rows: list | None = None) -> list[dict]:
+def bench_gemm(cfg: BenchConfig, budget: _Budget) -> list[dict]:
     """GEMM-level rows: one per shape, TFLOP/s and ratio to `bf16` for each variant.
 
-    `phase` "eager" makes the rows; "compiled" adds the compiled variants to `rows` (run last:
-    compiling every shape costs more than the eager runs).
+    Every variant of a shape (eager, and compiled when `cfg.compile` asks for it) is built and warmed
+    up first, then timed in interleaved rounds (`time_interleaved`), so a drift of the GPU's clocks
+    during the run lands on every column alike instead of on whichever ran last.
     """
     ao = cfg.torchao and torchao_version() is not None
-    rows = rows if rows is not None else []
-    for i, (m, k, n) in enumerate(cfg.gemm_shapes):
+    phases = ("eager", "compiled") if cfg.compile in ("on", "both") else ("eager",)
+    rows = []
+    for m, k, n in cfg.gemm_shapes:
         flops = 6 * m * k * n
-        if phase == "eager":
-            rows.append({"shape": [m, k, n], "label": f"{m} x {k}->{n}", "flops": flops, "variants": {}})
-        row = rows[i]
-        for name, make in _gemm_closures(m, k, n, cfg, phase, ao).items():
-            row["variants"][name] = _time_variant(name, make, flops, cfg, budget)
-        base = row["variants"]["bf16"].get("ms")
+        row = {"shape": [m, k, n], "label": f"{m} x {k}->{n}", "flops": flops, "variants": {}}
+        rows.append(row)
+        if not budget.left():
+            row["variants"] = {"bf16": {"skipped": "time budget spent"}}
+            continue
+        fns = {}
+        for phase in phases:
+            for name, make in _gemm_closures(m, k, n, cfg, phase, ao).items():
+                fns[name] = _build_variant(name, make, cfg, row["variants"])
+        fns = {name: fn for name, fn in fns.items() if fn is not None}
+        rounds = math.ceil(cfg.gemm_repeats / _calls_per_round(cfg.device))
+        errors = {}
+        times = time_interleaved(fns, rounds, _calls_per_round(cfg.device), cfg.device, errors)
+        for name, message in errors.items():
+            row["variants"][name] = {"error": message}
+        for name, ts in times.items():
+            ms = statistics.median(ts)
+            row["variants"][name].update(ms=ms, tflops=flops / ms / 1e9, repeats=len(ts),
+                                         ms_q1=_quantile(ts, 0.25), ms_q3=_quantile(ts, 0.75),
+                                         ms_all=[round(t, 4) for t in ts])
+        row["variants"] = {name: row["variants"][name] for name in GEMM_VARIANTS if name in row["variants"]}
+        base = row["variants"].get("bf16", {}).get("ms")
         for name, v in row["variants"].items():
-            ref = row["variants"]["bf16 mm only"].get("ms") if name == "scaled_mm only" else base
+            ref = row["variants"].get("bf16 mm only", {}).get("ms") if name == "scaled_mm only" else base
             if v.get("ms") and ref:
                 v["ratio"] = ref / v["ms"]
-        _log(cfg, f"gemm {row['label']} ({phase}): " + ", ".join(
+        _log(cfg, f"gemm {row['label']}: " + ", ".join(
             f"{name} {_tflops(v['tflops'])} TFLOP/s" if "tflops" in v else f"{name} {v.get('error', v.get('skipped'))}"
             for name, v in row["variants"].items()))
+        del fns
         _free(cfg.device)
     return rows
 
 
-def _time_variant(name: str, make, flops: int, cfg: BenchConfig, budget: _Budget) -> dict:
-    """Build and time one GEMM-level variant; errors and budget skips become a dict entry."""
-    if not budget.left():
-        return {"skipped": "time budget spent"}
+def _calls_per_round(device: str) -> int:
+    """Timed calls of each variant per interleaved round: 3 on CUDA (after one untimed call), 1 on a CPU."""
+    return 3 if device.startswith("cuda") else 1
+
+
+def _quantile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=4, method="inclusive")[round(q * 4) - 1] if len(values) > 1 else values[0]
+
+
+def _build_variant(name: str, make, cfg: BenchConfig, variants: dict):
+    """Build one GEMM-level variant and warm it up (compiles happen here); on failure record the error
+    in `variants[name]` and return None."""
     try:
         fn = make()
         t0 = time.perf_counter()
-        times = time_ms(fn, max(2, cfg.warmup), cfg.gemm_repeats, cfg.device)
+        for _ in range(max(2, cfg.warmup)):
+            fn()
+        _sync(cfg.device)
     except Exception as err:  # report, keep benchmarking the other variants
-        return {"error": f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"}
-    ms = statistics.median(times)
-    return {"ms": ms, "tflops": flops / ms / 1e9, "repeats": len(times), "wall_s": time.perf_counter() - t0}
+        variants[name] = {"error": f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"}
+        return None
+    variants[name] = {"warmup_s": time.perf_counter() - t0}
+    return fn
+
+
+def time_interleaved(fns: dict, rounds: int, per_round: int, device: str,
+                     errors: dict | None = None) -> dict[str, list[float]]:
+    """Milliseconds of `rounds * per_round` calls of each function in `fns`, timed in interleaved rounds.
+
+    Each round runs every function in turn, in an order shuffled anew for every round (seeded, so a
+    rerun repeats it): one untimed call, then `per_round` timed calls. On CUDA nothing synchronizes
+    inside a round (CUDA events around each timed call, read after the round), so the host stays
+    ahead of the GPU across the switches from one variant to the next, as it does across the layers of
+    a model. On a CPU: wall clock around each (synchronous) call. A function that raises is dropped
+    from later rounds and keeps no times; its error goes to `errors` (name -> message) when given."""
+    names = list(fns)
+    times = {name: [] for name in names}
+    cuda = device.startswith("cuda")
+    order = random.Random(0)
+    for _ in range(rounds):
+        marks = []
+        order.shuffle(names)
+        for name in [n for n in names if n in times]:
+            try:
+                marks += _time_calls(fns[name], per_round, cuda, times[name])
+            except Exception as err:  # report, keep timing the others
+                if errors is not None:
+                    errors[name] = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+                del times[name]  # (a raising call left no events in `marks`)
+        if cuda:
+            torch.cuda.synchronize(device)
+            for start, end, out in marks:
+                out.append(start.elapsed_time(end))
+    return times
+
+
+def _time_calls(fn, per_round: int, cuda: bool, out: list) -> list:
+    """One untimed call of `fn`, then `per_round` timed ones: CPU times go to `out` now; CUDA calls
+    return their (start, end, out) event pairs, read after the round's synchronization."""
+    fn()
+    marks = []
+    for _ in range(per_round):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            marks.append((start, end, out))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return marks
 
 
 # ----------------------------------------------------------------------------------------------- step level
@@ -569,13 +665,12 @@ def run_bench(cfg: BenchConfig) -> dict:
             write_json(result, cfg.out)
 
     if cfg.gemm:
-        _log(cfg, f"GEMM level: {len(cfg.gemm_shapes)} shapes, median of {cfg.gemm_repeats} repeats")
+        _log(cfg, f"GEMM level: {len(cfg.gemm_shapes)} shapes, median of {cfg.gemm_repeats} repeats "
+                  "in interleaved rounds")
         result["gemm"] = bench_gemm(cfg, budget)
         save()
     if cfg.step:
         bench_steps(cfg, budget, result["step"], save)
-    if cfg.gemm and cfg.compile in ("on", "both"):
-        bench_gemm(cfg, budget, "compiled", result["gemm"])
     save()
     print(format_tables(result))
     return result

@@ -154,7 +154,7 @@ def add_bench(sub) -> None:
                    help="tokens per sequence (default: the preset's on CUDA, 64 on CPU)")
     b.add_argument("--steps", type=positive_int, help="timed steps per configuration (default 10 on CUDA, 2 on CPU)")
     b.add_argument("--warmup", type=positive_int, help="untimed steps first (default 3 on CUDA, 1 on CPU)")
-    b.add_argument("--gemm-repeats", type=positive_int, help="timed repeats per GEMM variant (default 20 on CUDA)")
+    b.add_argument("--gemm-repeats", type=positive_int, help="timed calls per GEMM variant, in interleaved rounds (default 60 on CUDA)")
     b.add_argument("--compile", choices=["off", "on", "both"],
                    help="torch.compile per block (default both on CUDA, off on CPU)")
     b.add_argument("--no-torchao", action="store_true", help="skip the torchao columns even if torchao is importable")

@@ -46,6 +46,7 @@ def test_bench_cpu_smoke_writes_json(tmp_path, capsys, one_thread):
             v = row["variants"][name]
             assert "error" not in v, v
             assert all(_positive(v[key]) for key in ("ms", "tflops", "ratio")), v
+            assert len(v["ms_all"]) == v["repeats"] == 2 and v["ms_q1"] <= v["ms"] <= v["ms_q3"], v
         assert row["variants"]["bf16"]["ratio"] == 1.0
 
     steps = {r["variant"]: r for r in result["step"]}
@@ -85,3 +86,44 @@ def test_bench_cli_bad_argument_is_one_line(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("fp8lm: error:") and err.count("\n") == 1
+
+
+def test_gemm_timing_is_interleaved_in_shuffled_rounds():
+    """Each round calls every variant once in turn (1 untimed + per_round timed calls), in an order that
+    changes between rounds and repeats in a rerun."""
+    from fp8lm.bench import time_interleaved
+
+    def run():
+        calls = []
+        fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c", "d")}
+        times = time_interleaved(fns, rounds=8, per_round=2, device="cpu")
+        assert {name: len(ts) for name, ts in times.items()} == {name: 16 for name in "abcd"}
+        assert all(t >= 0 for ts in times.values() for t in ts)
+        return calls
+
+    calls = run()
+    rounds = [calls[i:i + 12] for i in range(0, len(calls), 12)]
+    orders = [tuple(r[::3]) for r in rounds]
+    assert all(sorted(o) == list("abcd") for o in orders)
+    assert all(r == [x for x in o for _ in range(3)] for r, o in zip(rounds, orders))
+    assert len(set(orders)) > 1  # shuffled, not one fixed order
+    assert run() == calls  # seeded: a rerun repeats the order
+
+
+def test_gemm_timing_drops_a_variant_that_raises():
+    """A variant that fails in the timed rounds loses its times and reports its error; the others go on."""
+    from fp8lm.bench import time_interleaved
+    calls = {"ok": 0, "bad": 0}
+
+    def ok():
+        calls["ok"] += 1
+
+    def bad():
+        calls["bad"] += 1
+        if calls["bad"] > 3:
+            raise RuntimeError("boom\nsecond line")
+
+    errors = {}
+    times = time_interleaved({"ok": ok, "bad": bad}, rounds=5, per_round=2, device="cpu", errors=errors)
+    assert set(times) == {"ok"} and len(times["ok"]) == 10
+    assert errors == {"bad": "RuntimeError: boom second line"} and calls["bad"] == 4

@@ -4,7 +4,7 @@
 # SwiGLU cast, test_gpu), xent (benchmarks/xent_bench.py), optim (benchmarks/optim_bench.py), bench (fp8lm bench,
 # compiled, delayed, step level: O0, O1, torchao and the alternative rows), profile (profile_step O1 O0), gemm
 # (GEMM level, interleaved), slack (benchmarks/host_slack.py O0 O1), layouts (benchmarks/bf16_layouts.py),
-# gb (benchmarks/compile_check.py O1 with graph-break logs), align (benchmarks/scale_align.py),
+# o2 (fp8lm bench step level, O0 and O2), gb (benchmarks/compile_check.py O1 with graph-break logs), align (benchmarks/scale_align.py),
 # abnew (benchmarks/ab_step.py on this tree alone), ab (ab_step.py on runs/ab_old and on this tree, alternating,
 # two processes each), abgemm (benchmarks/ab_gemm.py, runs/ab_old then this tree).
 # runs/ab_old (ignored; carry it with the call) holds an older fp8lm for the A/B stages, made with
@@ -47,6 +47,8 @@ for stage in "${stages[@]}"; do
               PYTHONPATH=$pp timeout 200 python3 benchmarks/ab_gemm.py $v "$OUT/abgemm_$v.json" 2>&1 \
                 | grep -E "^$v " | tee -a "$OUT/abgemm.txt" | grep -E "compiled|bf16  "
             done ;;
+    o2) timeout 400 python3 -m fp8lm bench --compile on --recipe delayed --skip-gemm --levels O0,O2 --no-torchao \
+          --time-budget 330 --out "$OUT/bench_o2.json" 2>&1 | grep -v "^W[0-9]" | tee "$OUT/bench_o2.txt" | tail -5 ;;
     layouts) timeout 120 python3 benchmarks/bf16_layouts.py 2>&1 | tee "$OUT/bf16_layouts.txt" | grep bf16_layouts | cut -c1-150 ;;
     profile) timeout 280 python3 benchmarks/profile_step.py O1 O0 --recipe=delayed --rows=60 --width=200 2>&1 \
                | grep -v "^W[0-9]" > "$OUT/profile.txt"; grep "^==" "$OUT/profile.txt" ;;

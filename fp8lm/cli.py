@@ -79,6 +79,19 @@ def level_list(text: str) -> list[str]:
     return levels
 
 
+def shape_list(text: str) -> list[tuple[int, int, int]]:
+    """argparse type: comma-separated GEMM shapes MxKxN (tokens, in features, out features), e.g.
+    "16384x2048x11264,8192x8192x8192"."""
+    shapes = []
+    for item in (s.strip() for s in text.split(",")):
+        dims = item.lower().split("x")
+        if len(dims) != 3 or not all(d.isdigit() and int(d) > 0 for d in dims):
+            raise argparse.ArgumentTypeError(f"bad GEMM shape {item!r}; give MxKxN with positive integers, "
+                                             "e.g. 16384x2048x11264 (several separated by commas)")
+        shapes.append(tuple(int(d) for d in dims))
+    return shapes
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     """Options shared by `train` and `compare`: model, data, schedule, device."""
     p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model size (default tiny)")
@@ -154,6 +167,8 @@ def add_bench(sub) -> None:
                    help="tokens per sequence (default: the preset's on CUDA, 64 on CPU)")
     b.add_argument("--steps", type=positive_int, help="timed steps per configuration (default 10 on CUDA, 2 on CPU)")
     b.add_argument("--warmup", type=positive_int, help="untimed steps first (default 3 on CUDA, 1 on CPU)")
+    b.add_argument("--gemm-shapes", type=shape_list,
+                   help="GEMM-level shapes MxKxN, comma-separated (default: llama-0.75b's linears and 8192^3 on CUDA)")
     b.add_argument("--gemm-repeats", type=positive_int, help="timed calls per GEMM variant, in interleaved rounds (default 60 on CUDA)")
     b.add_argument("--compile", choices=["off", "on", "both"],
                    help="torch.compile per block (default both on CUDA, off on CPU)")
@@ -217,7 +232,8 @@ def run(args: argparse.Namespace) -> None:
             device=args.device, preset=args.preset, levels=args.levels, recipe=args.recipe,
             fast_accum=args.fast_accum, fused_optimizer=args.fused_optimizer,
             batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps, warmup=args.warmup,
-            gemm_repeats=args.gemm_repeats, compile=args.compile, torchao=not args.no_torchao,
+            gemm_repeats=args.gemm_repeats, gemm_shapes=args.gemm_shapes, compile=args.compile,
+            torchao=not args.no_torchao,
             gemm=not args.skip_gemm, step=not args.skip_step, time_budget_s=args.time_budget, out=args.out,
             progress=not args.no_progress, command=" ".join([PROG, *args.argv])))
         return

@@ -80,6 +80,23 @@ def test_bench_config_errors_are_value_errors(bad):
         resolve(BenchConfig(device=bad.pop("device", "cpu"), **bad))
 
 
+def test_bench_cli_gemm_shapes(tmp_path, capsys, one_thread):
+    """--gemm-shapes picks the GEMM-level shapes (MxKxN); a malformed one is a one-line usage error."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--device", "cpu", "--skip-step", "--gemm-repeats", "1", "--no-progress", "--no-torchao",
+                 "--gemm-shapes", "64x32x48, 40X24x16", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["gemm"]
+    assert [r["shape"] for r in rows] == [[64, 32, 48], [40, 24, 16]]
+    assert all(r["variants"]["fp8"]["ms"] > 0 for r in rows)
+    capsys.readouterr()
+    for bad in ("64x32", "64x0x8", "axbxc"):
+        with pytest.raises(SystemExit) as exc:
+            main(["bench", "--gemm-shapes", bad])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "MxKxN" in err and err.count("\n") == 1, err
+
+
 def test_bench_cli_bad_argument_is_one_line(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--compile", "sometimes"])

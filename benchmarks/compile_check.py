@@ -10,7 +10,7 @@ import sys
 import torch
 from torch._dynamo.utils import counters
 
-from fp8lm.bench import BenchConfig, _build, _step_fn, resolve
+from fp8lm.bench import BenchConfig, _step_fn, resolve, step_setup
 
 
 def main() -> int:
@@ -18,12 +18,7 @@ def main() -> int:
     preset = sys.argv[2] if len(sys.argv) > 2 else None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = resolve(BenchConfig(device=device, recipe="delayed", compile="on", levels=(level,), preset=preset))
-    model, opt = _build(cfg, level)
-    for block in model.layers:
-        block.compile()
-    vocab = model.config.vocab_size
-    x = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), device=device)
-    y = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), device=device)
+    model, opt, x, y = step_setup(cfg, level, compiled=True)
     step = _step_fn(model, opt, x, y, None)
     for _ in range(3):
         step()

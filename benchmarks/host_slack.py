@@ -2,7 +2,7 @@
 
     python benchmarks/host_slack.py [LEVEL ...]        (default: O0 O1)
 
-For each level, the step of ``fp8lm bench`` (``_build``'s model and optimizer, compiled per block,
+For each level, the step of ``fp8lm bench`` (``step_setup``: the model and optimizer compiled per block,
 recipe delayed), split into three phases: forward, backward, clip + optimizer + zero_grad. Printed:
 
 * ``host``: the host's time to enqueue each phase (wall clock, no synchronization inside the step);
@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from fp8lm.bench import BenchConfig, _build, resolve
+from fp8lm.bench import BenchConfig, resolve, step_setup
 from fp8lm.optim import clip_grad_norm_
 
 PHASES = ("forward", "backward", "optim")
@@ -94,14 +94,7 @@ def main() -> int:
     cfg = resolve(BenchConfig(device="cuda", recipe="delayed", compile="on", levels=("O0", "O1")))
     lines = []
     for level in levels:
-        torch._dynamo.reset()
-        model, optimizer = _build(cfg, level)
-        for block in model.layers:
-            block.compile()
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        vocab = model.config.vocab_size
-        x = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), device="cuda", generator=gen)
-        y = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), device="cuda", generator=gen)
+        model, optimizer, x, y = step_setup(cfg, level, compiled=True)
         params = [p for g in optimizer.param_groups for p in g["params"]]
         phases = _phases(model, optimizer, x, y, params)
         _stream(phases, steps=3)  # warm-up: compiles, optimizer state

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from fp8lm.bench import BenchConfig, _build, _step_fn, resolve
+from fp8lm.bench import BenchConfig, _step_fn, resolve, step_setup
 
 
 def main() -> int:
@@ -25,14 +25,7 @@ def main() -> int:
     cfg = resolve(BenchConfig(device=device, recipe="delayed", compile="on", levels=("O0", "O1")))
     summary = []
     for level in levels:
-        torch._dynamo.reset()
-        model, optimizer = _build(cfg, level)
-        for block in model.layers:
-            block.compile()
-        gen = torch.Generator(device=device).manual_seed(0)
-        vocab = model.config.vocab_size
-        x = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), device=device, generator=gen)
-        y = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), device=device, generator=gen)
+        model, optimizer, x, y = step_setup(cfg, level, compiled=True)
         step = _step_fn(model, optimizer, x, y, None)
         for _ in range(3):
             step()

@@ -527,13 +527,12 @@ def _step_fn(model, optimizer, x, y, marks: list | None):
     return step
 
 
-def bench_step_one(cfg: BenchConfig, variant: str, compiled: bool) -> dict:
-    """Time one step-level configuration; returns its row (raises on failure)."""
-    cuda = cfg.device.startswith("cuda")
+def step_setup(cfg: BenchConfig, level: str, compiled: bool):
+    """``(model, optimizer, x, y)`` of the step level: ``level``'s model and optimizer (``_build``), each block
+    compiled when ``compiled`` (after a Dynamo reset), and random token ids (B, T) fixed per run."""
     if compiled:
         torch._dynamo.reset()
-    suffix = next((s for s in ALTERNATIVE_ROWS if variant.endswith(s)), "")  # Triton fused casts on
-    model, optimizer = _build(cfg, variant.removesuffix(suffix) if suffix else variant)
+    model, optimizer = _build(cfg, level)
     if compiled:
         for block in model.layers:
             block.compile()
@@ -541,6 +540,14 @@ def bench_step_one(cfg: BenchConfig, variant: str, compiled: bool) -> dict:
     vocab = model.config.vocab_size
     x = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), device=cfg.device, generator=gen)  # (B, T)
     y = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), device=cfg.device, generator=gen)  # (B, T)
+    return model, optimizer, x, y
+
+
+def bench_step_one(cfg: BenchConfig, variant: str, compiled: bool) -> dict:
+    """Time one step-level configuration; returns its row (raises on failure)."""
+    cuda = cfg.device.startswith("cuda")
+    suffix = next((s for s in ALTERNATIVE_ROWS if variant.endswith(s)), "")  # Triton fused casts on
+    model, optimizer, x, y = step_setup(cfg, variant.removesuffix(suffix) if suffix else variant, compiled)
     if cuda:
         torch.cuda.reset_peak_memory_stats(cfg.device)
     marks = [] if cuda else None

@@ -66,6 +66,14 @@ def test_non_finite_never_becomes_finite(seed, dtype):
 GRID = {torch.float16: (10, -14), torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}  # mantissa bits, emin
 
 
+def _rounding_gen(seed: int) -> torch.Generator:
+    """The generator of the stochastic-rounding draws, independent of the inputs: those come from the
+    global generator seeded with ``seed``, and a generator seeded with ``seed`` too replays their random
+    numbers as rounding draws, correlated with the inputs (the unbiasedness test's statistic then passed
+    3 sigma in 72 of 300 seeds, and 5 sigma at seed 1329156537; with ``seed + 1``: at most 2.8 sigma)."""
+    return torch.Generator().manual_seed(seed + 1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, *FP8])
 def test_stochastic_rounding_is_unbiased_against_float64(seed, dtype):
     """x between two grid points: every draw is one of the two, the mean is x; nearest rounding is biased."""
@@ -77,7 +85,7 @@ def test_stochastic_rounding_is_unbiased_against_float64(seed, dtype):
     sign = torch.where(torch.rand(n) < 0.5, -1.0, 1.0).double()
     x = (sign * (lo + frac * ulp)).float()
     x64 = x.double()
-    gen = torch.Generator().manual_seed(seed)
+    gen = _rounding_gen(seed)
     draws = torch.stack([round_stochastic(x, dtype, gen).double() for _ in range(reps)])  # (reps, n)
     assert (((draws - sign * lo) == 0) | ((draws - sign * (lo + ulp)) == 0)).all()
     p = (x64.abs() - lo) / ulp  # probability of rounding away from zero
@@ -96,7 +104,7 @@ def test_fp16_master_keeps_sub_ulp_updates_on_average(seed):
     delta[w_hp.abs().argmax()] = 0  # same amax, same scale
     x = (w_hp + delta).float()
     assert torch.equal(ScaledTensor.from_hp(x, torch.float16).dequantize(), w.dequantize())  # RNE: update lost
-    gen = torch.Generator().manual_seed(seed)
+    gen = _rounding_gen(seed)
     reps = 64
     moved = sum((ScaledTensor.from_hp(x, torch.float16, stochastic=True, generator=gen).dequantize().double()
                  - w_hp).sum() for _ in range(reps)) / reps

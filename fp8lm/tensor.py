@@ -137,8 +137,8 @@ def _encode(x_hp: torch.Tensor, data_dtype: torch.dtype, stochastic: bool, gener
     x_f32 = x_hp.detach()
     x_f32 = x_f32.dequantize() if isinstance(x_f32, ScaledTensor) else x_f32.float()
     scale = _scale_for(x_f32, data_dtype) if scale is None else scale.reshape(()).float()
-    if data_dtype == torch.float32:
-        return x_f32.clone(memory_format=torch.contiguous_format), scale  # never alias the caller's tensor
+    if data_dtype == torch.float32:  # a new tensor either way: never alias the caller's
+        return (x_f32 * scale).contiguous(), scale  # exact for scale 1 (the chosen one)
     x_scaled = x_f32 * scale
     if stochastic:
         return round_stochastic(x_scaled, data_dtype, generator).contiguous(), scale

@@ -25,6 +25,7 @@ from fp8lm.distributed.allreduce import (FP8AllReduce, StepTelemetry, auto_mu, b
                                          simulate_all_reduce)
 from fp8lm.distributed.compat import is_distributed
 from fp8lm.distributed.data_parallel import GradSync, broadcast_module
+from fp8lm.optim.adam import rounding_stream_seed
 
 __all__ = ["DP_MODES", "DP_LEVELS", "FP8AllReduce", "StepTelemetry", "auto_mu", "GradSync", "broadcast_module",
            "simulate_all_reduce", "bytes_sent", "bf16_allreduce_bytes", "check_dp", "wrap", "grad_sync",
@@ -80,7 +81,9 @@ def _align_rounding_generators(optimizer, model: nn.Module) -> None:
     optimizer._generator_seed = int(seed)
     optimizer._generators.clear()
     if device.type == "cuda":
-        optimizer._generators[device] = torch.Generator(device=device).manual_seed(int(seed) + 7919)
+        as_index_0 = torch.device(device.type, 0)
+        optimizer._generators[device] = torch.Generator(device=device).manual_seed(
+            rounding_stream_seed(int(seed), as_index_0))
 
 
 def grad_sync(model: nn.Module) -> GradSync | None:

@@ -9,7 +9,8 @@ transposed on chip, as ``fp8lm.ops.cast._transpose_kernel`` does, 5: both copies
 many FP8 bytes differ by more than one step from the twin's (``swiglu_backward_cast_reference`` on the
 same GPU), how many still hold the fill value, and whether the transposed copy equals ``out.t()``.
 On the H100 (Triton 3.6, 2026-11-23, ``benchmarks/results/bench_h100/17_swiglu_debug.txt``) only
-``TRANS=0`` was right; the library kernel now stores row-major only.
+``TRANS=0`` was right. The library kernel now writes its transposed copy from the bytes it has just stored,
+read back (``benchmarks/trans_pack_debug.py``, ninth session of 2026-11-24).
 """
 import torch
 import triton

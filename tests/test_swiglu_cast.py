@@ -173,32 +173,33 @@ def test_no_grad_and_unfused_model_path(seed):
 @needs_interpreter
 @pytest.mark.parametrize("shape", [(37, 19), (130, 65)])
 def test_interpreter_kernel_matches_twin(shape, seed):
-    """The kernel under Triton's interpreter: tiles, masks, both halves and amax.
+    """The kernel under Triton's interpreter: tiles, masks, both halves, the transposed copy and amax.
     The interpreter's numpy FP8 conversion rounds unlike torch (subnormals, binade carries) and turns NaN
     into a finite E4M3 value: the oracle is the twin's float32 values cast by the interpreter itself, bytes
-    are compared to one step (float32 ``exp`` may differ in the last bit) without NaN inputs, and NaN is
-    checked through the amax."""
+    are compared to one step (float32 ``exp`` may differ in the last bit) without NaN inputs, the
+    transposed copy to the kernel's own row-major bytes exactly, and NaN is checked through the amax."""
     from fp8lm.ops import swiglu as mod
     gu, da = _inputs(*shape)
     m, f = da.shape
     grid = mod._grid(m, f, mod._BLOCK_M, mod._BLOCK_N)
     partial = torch.empty(grid, dtype=torch.float32)
 
-    def launch(fmt, scale, out, cast=True):
-        mod._swiglu_bwd_kernel[grid](gu, da, scale.reshape(1), out, partial, m, f, gu.stride(0), da.stride(0),
-                                     FMT_MAX=fmt.max, E4M3=fmt is E4M3, CAST=cast, AMAX=True,
-                                     BLOCK_M=mod._BLOCK_M, BLOCK_N=mod._BLOCK_N)
+    def launch(fmt, scale, out, out_t, cast=True):
+        mod._swiglu_bwd_kernel[grid](gu, da, scale.reshape(1), out, out_t, partial, m, f, gu.stride(0),
+                                     da.stride(0), FMT_MAX=fmt.max, E4M3=fmt is E4M3, CAST=cast, AMAX=True,
+                                     BLOCK_M=mod._BLOCK_M, BLOCK_N=mod._BLOCK_N, TRANS=cast)
     dgu = mod._grad_hp(gu, da)  # the twin's float32 values
     for fmt in (E4M3, E5M2):
         scale = scale_from_amax(amax(dgu), fmt)
         ref = interpreter_fp8_cast((dgu * scale).clamp(-fmt.max, fmt.max) + (dgu - dgu), fmt)
         ref_a = amax(dgu)
-        out = torch.empty(m, 2 * f, dtype=fmt.dtype)
-        launch(fmt, scale, out)
+        out, out_t = torch.empty(m, 2 * f, dtype=fmt.dtype), torch.empty(2 * f, m, dtype=fmt.dtype)
+        launch(fmt, scale, out, out_t)
         _within_one_ulp(out, ref, max_fraction=0.02)
+        assert torch.equal(out_t.view(torch.uint8), out.t().contiguous().view(torch.uint8))
         assert torch.allclose(partial.amax(), ref_a, rtol=1e-5)
     gu.view(-1)[7] = float("nan")
-    launch(E4M3, torch.tensor(1.0), partial, cast=False)
+    launch(E4M3, torch.tensor(1.0), partial, partial, cast=False)
     assert partial.amax().isnan()
 
 

@@ -87,7 +87,7 @@ if triton is not None:
     def _cast_kernel(x_ptr, scale_ptr, out_ptr, out_t_ptr, partial_ptr, M, N, stride_m,
                      FMT_MAX: tl.constexpr, E4M3: tl.constexpr, TRANSPOSE: tl.constexpr, TRANS_TILE: tl.constexpr,
                      AMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, in_scale_ptr=None,
-                     IN_SCALE: tl.constexpr = False):
+                     IN_SCALE: tl.constexpr = False, RELOAD: tl.constexpr = False):
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -98,7 +98,13 @@ if triton is not None:
         y8 = _saturating_cast(x, tl.load(scale_ptr), FMT_MAX, E4M3)
         tl.store(out_ptr + rm[:, None] * N + rn[None, :], y8, mask=mask)
         if TRANSPOSE:
-            if TRANS_TILE:  # transpose the tile in registers/shared memory, then coalesced stores
+            if RELOAD:  # the bytes just stored, read back after a barrier and transposed as a loaded tile
+                tl.debug_barrier()
+                mask_t = (rn[:, None] < N) & (rm[None, :] < M)
+                row8 = out_ptr.to(tl.pointer_type(tl.uint8)) + rm[:, None] * N + rn[None, :]
+                out_t8 = out_t_ptr.to(tl.pointer_type(tl.uint8)) + rn[:, None] * M + rm[None, :]
+                tl.store(out_t8, tl.trans(tl.load(row8, mask=mask, other=0)), mask=mask_t)
+            elif TRANS_TILE:  # transpose the tile in registers/shared memory, then coalesced stores
                 mask_t = (rn[:, None] < N) & (rm[None, :] < M)
                 tl.store(out_t_ptr + rn[:, None] * M + rm[None, :], tl.trans(y8), mask=mask_t)
             else:  # strided stores straight from the tile's layout
@@ -189,7 +195,8 @@ def fused_cast(x_hp: torch.Tensor, fmt: Format | str, scale: torch.Tensor, trans
     ``x_fp8`` is (M, N) row-major; ``x_fp8_t`` its (N, M) row-major transpose when ``transpose``
     (else None); ``amax`` = ``formats.amax(x_hp)`` from the same pass when ``with_amax`` (else
     None). ``scale`` is a float32 tensor with one element on ``x_hp``'s device. ``trans_tile``
-    picks how the Triton kernel writes the transpose (tile transposed on chip, or strided stores).
+    picks how the Triton kernel writes the transpose of a 16-bit input (tile transposed on chip, or
+    strided stores); a float32 input's transpose is always made from the FP8 bytes just stored, read back.
     ``in_scale`` (a one-element float32 tensor, or None): ``x_hp`` is the ``_data`` of a
     ``ScaledTensor`` with this ``_scale``; the values cast (and the amax) are ``x_hp / in_scale``,
     as ``dequantize()`` gives them, without the float32 copy (an FP16 master is read at 2 bytes).
@@ -205,20 +212,19 @@ def fused_cast(x_hp: torch.Tensor, fmt: Format | str, scale: torch.Tensor, trans
     grid = _grid(m, n, _CAST_BLOCK_M, _CAST_BLOCK_N)
     # Triton 3.6 on the H100 wrote wrong transposed bytes from FLOAT32 tiles whose sizes are multiples
     # of 16, with either store (``benchmarks/cast_debug.py``; the row-major bytes were right): a float32
-    # input's transpose is a torch copy of the row-major result instead.
-    kernel_t = transpose and x_hp.dtype != torch.float32
+    # input's transposed copy is made from the bytes the program has just stored, read back (RELOAD; the
+    # form ``fp8lm.ops.swiglu`` uses, ``benchmarks/trans_pack_debug.py``).
     x_fp8 = torch.empty(m, n, dtype=fmt.dtype, device=x_hp.device)
-    x_fp8_t = torch.empty(n, m, dtype=fmt.dtype, device=x_hp.device) if kernel_t else None
+    x_fp8_t = torch.empty(n, m, dtype=fmt.dtype, device=x_hp.device) if transpose else None
     partial = torch.empty(grid, dtype=torch.float32, device=x_hp.device) if with_amax else None
     scale = scale.reshape(1).float()
-    _launch(_cast_kernel)[grid](x_hp, scale, x_fp8, x_fp8_t if kernel_t else x_fp8,
+    _launch(_cast_kernel)[grid](x_hp, scale, x_fp8, x_fp8_t if transpose else x_fp8,
                                 partial if with_amax else x_fp8, m, n, x_hp.stride(0),
-                                FMT_MAX=fmt.max, E4M3=fmt.name == "e4m3", TRANSPOSE=kernel_t,
+                                FMT_MAX=fmt.max, E4M3=fmt.name == "e4m3", TRANSPOSE=transpose,
                                 TRANS_TILE=trans_tile, AMAX=with_amax, BLOCK_M=_CAST_BLOCK_M, BLOCK_N=_CAST_BLOCK_N,
                                 in_scale_ptr=scale if in_scale is None else in_scale.reshape(1).float(),
-                                IN_SCALE=in_scale is not None, **_cast_options(x_hp))
-    if transpose and not kernel_t:
-        x_fp8_t = x_fp8.t().contiguous()
+                                IN_SCALE=in_scale is not None, RELOAD=x_hp.dtype == torch.float32,
+                                **_cast_options(x_hp))
     return x_fp8, x_fp8_t, (partial.amax() if with_amax else None)
 
 

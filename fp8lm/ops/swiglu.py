@@ -14,11 +14,18 @@ Computed apart, that is a BF16 ``dgu`` written and read back, and a kernel that 
 the H100 ran at 526 us per llama-0.75b layer, ``benchmarks/RESULTS.md``) plus a byte transpose. Here
 one program takes an (M, F) tile of ``g``, ``u`` and ``da`` once and writes both halves of ``dgu``
 in FP8 and one partial amax: per element of ``dgu`` it reads 3 bytes (2 of ``gu``, 1 of ``da``) and
-writes 1. The transposed copy comes from the byte transpose ``fp8lm.ops.cast.transpose_fp8`` (read 1,
-write 1). Writing it from this kernel too (the tile transposed on chip, or strided stores) gave wrong
-bytes on the H100 with Triton 3.6 when the kernel was launched directly, though not when Inductor
-launched it (``benchmarks/swiglu_debug.py``, ``benchmarks/RESULTS.md``): the same family of Triton
-fault as the float32 tiles of ``fused_cast``. Until it is understood, this kernel stores row-major only.
+writes 1, and the transposed copy 1 more.
+
+The transposed copy is written from bytes, not from the computed tile: after storing its row-major
+tiles, the program waits at a barrier, loads those bytes back (from L2: it has just written them) and
+stores them transposed, as the byte transpose ``fp8lm.ops.cast.transpose_fp8`` does. Transposing the
+computed FP8 tiles in registers (``tl.trans``, strided stores, the FP32 tiles before the cast, pairs of
+bytes as 16-bit words) gave wrong bytes on the H100 with Triton 3.6, in the transposed copy and
+sometimes in the row-major one too, differently from run to run (``benchmarks/swiglu_debug.py``,
+``benchmarks/trans_pack_debug.py``, ``benchmarks/RESULTS.md``); the read-back form gave right bytes at
+every shape tried. Against the separate byte transpose it saves reading the FP8 gradient back from
+memory and one launch: about 0.3 ms per llama-0.75b O1 step on the H100, in A/B runs of alternating
+processes (``benchmarks/RESULTS.md``, ninth session of 2026-11-24).
 
 Numerics (the twin, ``swiglu_backward_cast_reference``, is the oracle)::
 
@@ -36,7 +43,7 @@ from __future__ import annotations
 import torch
 
 from fp8lm.formats import Format, amax, get_format, quantize
-from fp8lm.ops.cast import _grid, _launch, _operator, transpose_fp8, triton, triton_available
+from fp8lm.ops.cast import _grid, _launch, _operator, triton, triton_available
 
 __all__ = ["swiglu_backward_cast", "swiglu_backward_cast_reference", "swiglu_grad_amax"]
 
@@ -48,9 +55,9 @@ if triton is not None:
     from fp8lm.ops.cast import _saturating_cast, _tile_amax
 
     @triton.jit
-    def _swiglu_bwd_kernel(gu_ptr, da_ptr, scale_ptr, out_ptr, partial_ptr, M, F, stride_gu, stride_da,
+    def _swiglu_bwd_kernel(gu_ptr, da_ptr, scale_ptr, out_ptr, out_t_ptr, partial_ptr, M, F, stride_gu, stride_da,
                            FMT_MAX: tl.constexpr, E4M3: tl.constexpr, CAST: tl.constexpr, AMAX: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TRANS: tl.constexpr):
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -67,6 +74,13 @@ if triton is not None:
             out_row = out_ptr + rm[:, None] * (2 * F) + rn[None, :]  # (M, 2F) row-major
             tl.store(out_row, _saturating_cast(dg, scale, FMT_MAX, E4M3), mask=mask)
             tl.store(out_row + F, _saturating_cast(du, scale, FMT_MAX, E4M3), mask=mask)
+            if TRANS:  # (2F, M): the bytes just stored, read back and transposed as loaded tiles (module docstring)
+                tl.debug_barrier()  # every thread's stores above are visible to the whole program after this
+                mask_t = (rn[:, None] < F) & (rm[None, :] < M)
+                row8 = out_ptr.to(tl.pointer_type(tl.uint8)) + rm[:, None] * (2 * F) + rn[None, :]
+                out_t8 = out_t_ptr.to(tl.pointer_type(tl.uint8)) + rn[:, None] * M + rm[None, :]
+                tl.store(out_t8, tl.trans(tl.load(row8, mask=mask, other=0)), mask=mask_t)
+                tl.store(out_t8 + F * M, tl.trans(tl.load(row8 + F, mask=mask, other=0)), mask=mask_t)
         if AMAX:
             a_g, a_u = _tile_amax(dg), _tile_amax(du)
             a = tl.where((a_g != a_g) | (a_u != a_u), float("nan"), tl.maximum(a_g, a_u))
@@ -122,9 +136,9 @@ def _swiglu_grad_amax(gu: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
     m, f = da.shape
     grid = _grid(m, f, _BLOCK_M, _BLOCK_N)
     partial = torch.empty(grid, dtype=torch.float32, device=gu.device)
-    _launch(_swiglu_bwd_kernel)[grid](gu, da, partial, partial, partial, m, f, gu.stride(0), da.stride(0),
+    _launch(_swiglu_bwd_kernel)[grid](gu, da, partial, partial, partial, partial, m, f, gu.stride(0), da.stride(0),
                                       FMT_MAX=448.0, E4M3=True, CAST=False, AMAX=True, BLOCK_M=_BLOCK_M,
-                                      BLOCK_N=_BLOCK_N, num_warps=_WARPS)
+                                      BLOCK_N=_BLOCK_N, TRANS=False, num_warps=_WARPS)
     return partial.amax()
 
 
@@ -148,11 +162,11 @@ def _swiglu_backward_cast(gu: torch.Tensor, da: torch.Tensor, scale: torch.Tenso
     m, f = da.shape
     grid = _grid(m, f, _BLOCK_M, _BLOCK_N)
     out = torch.empty(m, 2 * f, dtype=fmt_.dtype, device=gu.device)
+    out_t = torch.empty(2 * f, m, dtype=fmt_.dtype, device=gu.device)
     partial = torch.empty(grid, dtype=torch.float32, device=gu.device)
-    _launch(_swiglu_bwd_kernel)[grid](gu, da, scale.reshape(1).float(), out, partial, m, f, gu.stride(0),
+    _launch(_swiglu_bwd_kernel)[grid](gu, da, scale.reshape(1).float(), out, out_t, partial, m, f, gu.stride(0),
                                       da.stride(0), FMT_MAX=fmt_.max, E4M3=fmt_.name == "e4m3", CAST=True,
-                                      AMAX=with_amax, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, num_warps=_WARPS)
-    out_t = transpose_fp8(out)  # (2F, M): the byte transpose (module docstring: not from this kernel)
+                                      AMAX=with_amax, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, TRANS=True, num_warps=_WARPS)
     return out, out_t, (partial.amax() if with_amax else partial.new_zeros(()))
 
 

@@ -42,6 +42,11 @@ same for every column, and ratios are taken inside the run.
     quantization overhead eats into.
 
   Gradients come from ``torch.autograd.grad`` (no accumulation into ``.grad`` between repeats).
+  On CUDA a second table gives each variant's host time to issue one call (``host_ms``: 5 calls issued
+  after a synchronization, wall clock) next to its GPU time: a compiled FP8 layer issues about 25
+  kernels per call and needed about as much host time as GPU time at 2048->11264 on the lent H100
+  (``benchmarks/RESULTS.md``, ninth session), so its timed calls wait for the host whenever the calls
+  before them leave the GPU's queue short.
 * Step level: a full training step of a preset (``llama-0.75b`` on GPUs: batch 8 x 2048 tokens)
   at each level: forward, backward, ``fp8lm.optim.clip_grad_norm_(1.0)`` (torch's own for plain
   gradients, as at O0 and torchao), optimizer step, ``zero_grad``.
@@ -392,6 +397,8 @@ def bench_gemm(cfg: BenchConfig, budget: _Budget) -> list[dict]:
             row["variants"][name].update(ms=ms, tflops=flops / ms / 1e9, repeats=len(ts),
                                          ms_q1=_quantile(ts, 0.25), ms_q3=_quantile(ts, 0.75),
                                          ms_all=[round(t, 4) for t in ts])
+            if cfg.device.startswith("cuda"):
+                row["variants"][name]["host_ms"] = host_ms(fns[name], cfg.device)
         row["variants"] = {name: row["variants"][name] for name in GEMM_VARIANTS if name in row["variants"]}
         base = row["variants"].get("bf16", {}).get("ms")
         for name, v in row["variants"].items():
@@ -404,6 +411,19 @@ def bench_gemm(cfg: BenchConfig, budget: _Budget) -> list[dict]:
         del fns
         _free(cfg.device)
     return rows
+
+
+def host_ms(fn, device: str, calls: int = 5) -> float:
+    """Host milliseconds to issue one call of `fn`: `calls` calls issued after a synchronization, with none
+    between them, timed by the wall clock (the GPU runs their kernels meanwhile). A call whose host time is
+    above its GPU time cannot keep the GPU busy: the layer then runs at its host's pace."""
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - t0
+    _sync(device)
+    return elapsed / calls * 1e3
 
 
 def _calls_per_round(device: str) -> int:
@@ -737,6 +757,14 @@ def format_tables(result: dict) -> str:
                 ratio = f" ({v['ratio']:.2f}x)" if "ratio" in v else ""
                 cells.append(f"{_tflops(v['tflops'])}{ratio}" if "tflops" in v else _cell(v, "tflops", ".0f"))
             lines.append(f"{r['label']:<20}" + "".join(f"{c:>20}" for c in cells))
+        if any("host_ms" in v for r in result["gemm"] for v in r["variants"].values()):
+            lines += ["", "GEMM level: host ms to issue one forward + backward / GPU ms per call (median); where the "
+                      "first is larger, the layer runs at its host's pace",
+                      f"{'M x K->N':<20}" + "".join(f"{n:>20}" for n in names)]
+            for r in result["gemm"]:
+                cells = [f"{v['host_ms']:.2f} / {v['ms']:.2f}" if "host_ms" in v else "-"
+                         for v in (r["variants"].get(n, {}) for n in names)]
+                lines.append(f"{r['label']:<20}" + "".join(f"{c:>20}" for c in cells))
     if result["step"]:
         cfg = meta["config"]
         width = max([12] + [len(r["variant"]) + 1 for r in result["step"]])  # the variant column

@@ -1,11 +1,12 @@
 """`fp8lm bench` on a CPU: the smoke version runs end to end and writes a well-formed JSON."""
 import json
 import math
+import time
 
 import pytest
 import torch
 
-from fp8lm.bench import BenchConfig, format_tables, resolve
+from fp8lm.bench import BenchConfig, format_tables, host_ms, resolve
 from fp8lm.cli import main
 
 SMOKE = ["bench", "--device", "cpu", "--batch-size", "1", "--seq-len", "16", "--steps", "1", "--warmup", "1",
@@ -71,6 +72,29 @@ def test_bench_table_reports_errors_and_skips():
                        {"variant": "O2", "compile": True, "skipped": "time budget spent"}]}
     table = format_tables(result)
     assert "error" in table and "BackendCompilerFailed" in table and "time budget spent" in table
+
+
+def test_bench_table_host_times_only_when_measured():
+    """CUDA runs record each GEMM-level variant's host time per call: a second table pairs it with the GPU
+    time; a CPU run (synchronous calls: no host time apart) prints no such table."""
+    meta = {"device_name": "gpu", "device": "cuda", "torch": "x", "triton": None, "torchao": None, "date_utc": "d",
+            "timer": "CUDA events", "peak_tflops": None, "peak_note": None}
+    variants = {"bf16": {"tflops": 700.0, "ratio": 1.0, "ms": 3.1, "host_ms": 0.41},
+                "fp8 compiled": {"tflops": 900.0, "ratio": 1.3, "ms": 2.38, "host_ms": 2.24},
+                "fp8": {"error": "RuntimeError: boom"}}
+    table = format_tables({"meta": meta, "gemm": [{"label": "16384 x 2048->11264", "variants": variants}], "step": []})
+    host_lines = table.split("host ms to issue")[1].splitlines()
+    row = next(line for line in host_lines if line.startswith("16384 x 2048->11264"))
+    assert row.split()[3:] == ["0.41", "/", "3.10", "-", "2.24", "/", "2.38"]  # bf16, fp8 (error), fp8 compiled
+    for v in variants.values():
+        v.pop("host_ms", None)
+    assert "host ms" not in format_tables({"meta": meta, "gemm": [{"label": "8 x 16->16", "variants": variants}],
+                                           "step": []})
+
+
+def test_host_ms_times_the_issuing_of_calls():
+    calls = []
+    assert host_ms(lambda: (calls.append(1), time.sleep(0.002)), "cpu", calls=4) >= 2.0 and len(calls) == 4
 
 
 @pytest.mark.parametrize("bad", [dict(levels=("O9",)), dict(levels=("O0", "O3")), dict(compile="sometimes"),

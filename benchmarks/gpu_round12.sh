@@ -32,6 +32,8 @@ for stage in "${stages[@]}"; do
     oldcompile) (cd runs/ab_old && PYTHONPATH=$PWD:$PYTHONPATH timeout 200 python3 -m pytest -q -p no:cacheprovider \
                   ../../tests/test_compile.py -k "equals_eager or saved_attention" 2>&1 | tail -3; \
                   python3 -c "import fp8lm; print(fp8lm.__file__)") | tee "$OUT/oldcompile.log" ;;
+    # abforms, probechunks: the amax-form experiment; they need benchmarks/results/bench_h100/51_amax_form_switch.patch
+    # applied (git apply; reverted after the runs), without it every form runs the committed row maxima
     abforms) for form in rows chunks chunks_wg; do  # the amax form by environment (an experiment), O1 alone
                FP8LM_AMAX_FORM=$form timeout 200 python3 benchmarks/ab_step.py $form O1 2>&1 | grep -E "^$form " \
                  | tee -a "$OUT/ab_forms.txt"

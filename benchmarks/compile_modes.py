@@ -16,7 +16,16 @@ same model, optimizer, data and timing) for O0 and O1 alike:
 * ``whole``: the model's whole forward compiled as one graph (``torch.compile(model.forward)``: the
   autocast hooks of ``fp8lm.initialize`` stay outside) instead of per block;
 * ``whole+cudagraphs``: the whole model as one CUDA graph (``mode="reduce-overhead"``, step marked): its
-  only input is the token ids, so no activation is copied into a graph's static inputs, as it is per block.
+  only input is the token ids, so no activation is copied into a graph's static inputs, as it is per block;
+* ``coord``: Inductor's ``coordinate_descent_tuning`` (each generated kernel's block sizes and warps tuned
+  by measurement at compile time), passed as ``options`` to every block's compile;
+* ``multikernel``: Inductor's ``triton.multi_kernel`` (a reduction compiled both persistent and looped, the
+  faster one picked by measurement at run time), passed the same way;
+* ``nomix``: Inductor's ``triton.mix_order_reduction`` off (torch 2.11 fuses a row reduction with a column
+  reduction over the same input, e.g. RMSNorm's input gradient with its weight gradient, into one kernel);
+* ``splitsize``: ``triton.mix_order_reduction_autotune_split_size`` (that kernel's split tuned by measurement);
+* ``pdl``: ``triton.enable_pdl`` (Hopper's programmatic dependent launch: a kernel may start its prologue
+  while the one before it finishes).
 
 Prints one line per row and a table last (ms/step, ratio to O0 under the same setting, peak GiB).
 """
@@ -28,7 +37,11 @@ import torch.nn as nn
 import fp8lm.bench as bench
 from fp8lm.bench import BenchConfig, bench_step_one, resolve
 
-SETTINGS = ("default", "combo", "cudagraphs", "combo+cudagraphs", "cudagraphs+mark", "whole", "whole+cudagraphs")
+SETTINGS = ("default", "combo", "cudagraphs", "combo+cudagraphs", "cudagraphs+mark", "whole", "whole+cudagraphs",
+            "coord", "multikernel", "nomix", "splitsize", "pdl")
+OPTIONS = {"coord": {"coordinate_descent_tuning": True}, "multikernel": {"triton.multi_kernel": 1},
+           "nomix": {"triton.mix_order_reduction": False},
+           "splitsize": {"triton.mix_order_reduction_autotune_split_size": True}, "pdl": {"triton.enable_pdl": True}}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # a CPU: a tiny smoke run of the patching
 
 
@@ -43,7 +56,8 @@ def run(setting: str, level: str) -> dict:
     if whole:  # blocks stay as they are; the model is compiled in the step function below
         nn.Module.compile = lambda self, *a, **k: None
     else:
-        nn.Module.compile = lambda self, *a, **k: original(self, *a, **({**k, "mode": mode} if mode else k))
+        extra = ({"mode": mode} if mode else {}) | ({"options": OPTIONS[setting]} if setting in OPTIONS else {})
+        nn.Module.compile = lambda self, *a, **k: original(self, *a, **{**k, **extra})
     step_fn = bench._step_fn
     mark = "mark" in setting or (whole and mode is not None)
 

@@ -72,12 +72,23 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return (x32 * weight.float()).type_as(x)
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32: ``t`` itself when it is float32 already, never ``t.float()``'s alias of it.
+
+    torch 2.11's Dynamo collects a forward's intermediates that alias its inputs or outputs as extra
+    outputs of the traced ``autograd.Function``, and autograd then routes gradients to the wrong output
+    (pytorch/pytorch#180642): compiled blocks whose float32 residual stream went through ``x.float()``
+    here got zero gradients through both RMSNorms (``benchmarks/grad_check.py``)."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, save_dtype):
-        x32 = x.float()
+        x32 = _f32(x)
         rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-        y = (x32 * rstd * weight.float()).to(x.dtype)
+        y32 = x32 * rstd * _f32(weight)
+        y = y32 if x.dtype == torch.float32 else y32.to(x.dtype)
         x_saved = x if save_dtype is None or save_dtype == x.dtype else x.to(save_dtype)
         ctx.save_for_backward(x_saved, rstd, weight)
         ctx.x_dtype = x.dtype
@@ -86,12 +97,12 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x_saved, rstd, weight = ctx.saved_tensors
-        x_hat = x_saved.float() * rstd  # (..., C)
-        g = grad_y.float()
+        x_hat = _f32(x_saved) * rstd  # (..., C)
+        g = _f32(grad_y)
         grad_w = None
         if ctx.needs_input_grad[1]:
             grad_w = (g * x_hat).reshape(-1, x_hat.shape[-1]).sum(0).to(weight.dtype)
-        gw = g * weight.float()  # d loss / d x_hat
+        gw = g * _f32(weight)  # d loss / d x_hat
         # d/dx of x * rstd(x): rstd * (gw - x_hat * mean(gw * x_hat))
         grad_x = rstd * (gw - x_hat * (gw * x_hat).mean(-1, keepdim=True))
         return grad_x.to(ctx.x_dtype), grad_w, None, None

@@ -40,10 +40,14 @@ __all__ = ["fused_amax", "fused_cast", "cast_transpose_amax", "cast_reference", 
 
 BACKENDS = ("auto", "triton", "torch")
 _BLOCK_M, _BLOCK_N = 64, 64  # the amax kernel's tile
-# The cast kernel's tile and warps, measured on the H100 (``benchmarks/kernel_sweep.py``, BF16 -> E5M2 with
-# transpose and amax at 16384 x 2048 / 6144 / 11264): 64 x 128 with 4 warps ran at 2.6-2.9 TB/s, 64 x 64 at
-# 2.0-2.2 (a BF16 copy of the same size: 2.9-3.0). The bytes do not depend on the tile.
-_CAST_BLOCK_M, _CAST_BLOCK_N, _CAST_WARPS = 64, 128, 4
+# The cast kernel's tile, warps and transposed-copy form per input kind: (BLOCK_M, BLOCK_N, warps, RELOAD).
+# Measured on the H100 (``benchmarks/cast_sweep.py``, tenth session; the bytes do not depend on any of it):
+# a 16-bit input, tile transposed in registers: 64 x 256 with 8 warps 56.7 / 276 / 105 us at x 16384x2048 /
+# grad 16384x11264 / x 8192x8192 against 72 / 281 / 106 for the earlier 64 x 128 with 4 warps (a BF16 copy of
+# the same input: 48 / 247 / 93 us). A ScaledTensor's FP16 data (in_scale, the weights' casts): the copy
+# made from the bytes just stored (RELOAD) 85 / 123 us at 11264x2048 / 8192x8192 against 102 / 227 us with
+# the register transpose. Float32 inputs always reload (the Triton fault described in ``fused_cast``).
+_CAST_CONFIG = {"16bit": (64, 256, 8, False), "in_scale": (64, 128, 8, True), "float32": (64, 128, 4, True)}
 _T_BLOCK = 128  # the byte transpose's square tile: 128-byte rows in and out
 
 
@@ -158,9 +162,12 @@ def _grid(m: int, n: int, block_m: int = _BLOCK_M, block_n: int = _BLOCK_N) -> t
     return (-(-m // block_m), -(-n // block_n))
 
 
-def _cast_options(x_hp: torch.Tensor) -> dict:
-    """Launch options of the cast kernel (the interpreter takes none)."""
-    return {"num_warps": _CAST_WARPS} if x_hp.is_cuda else {}
+def _cast_config(x_hp: torch.Tensor, in_scale: torch.Tensor | None) -> tuple[int, int, dict, bool]:
+    """The cast kernel's (BLOCK_M, BLOCK_N, launch options, RELOAD) for this input (``_CAST_CONFIG``; the
+    interpreter takes no launch options)."""
+    kind = "float32" if x_hp.dtype == torch.float32 else "in_scale" if in_scale is not None else "16bit"
+    block_m, block_n, warps, reload = _CAST_CONFIG[kind]
+    return block_m, block_n, ({"num_warps": warps} if x_hp.is_cuda else {}), reload
 
 
 def fused_amax(x_hp: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -196,7 +203,8 @@ def fused_cast(x_hp: torch.Tensor, fmt: Format | str, scale: torch.Tensor, trans
     (else None); ``amax`` = ``formats.amax(x_hp)`` from the same pass when ``with_amax`` (else
     None). ``scale`` is a float32 tensor with one element on ``x_hp``'s device. ``trans_tile``
     picks how the Triton kernel writes the transpose of a 16-bit input (tile transposed on chip, or
-    strided stores); a float32 input's transpose is always made from the FP8 bytes just stored, read back.
+    strided stores); the transpose of a float32 input, or of one with ``in_scale``, is always made from
+    the FP8 bytes just stored, read back.
     ``in_scale`` (a one-element float32 tensor, or None): ``x_hp`` is the ``_data`` of a
     ``ScaledTensor`` with this ``_scale``; the values cast (and the amax) are ``x_hp / in_scale``,
     as ``dequantize()`` gives them, without the float32 copy (an FP16 master is read at 2 bytes).
@@ -209,11 +217,13 @@ def fused_cast(x_hp: torch.Tensor, fmt: Format | str, scale: torch.Tensor, trans
     if not _use_triton(x_hp, backend) or x_hp.numel() == 0:
         return cast_reference(x_hp, fmt, scale, transpose, with_amax, in_scale)
     m, n = x_hp.shape
-    grid = _grid(m, n, _CAST_BLOCK_M, _CAST_BLOCK_N)
+    block_m, block_n, options, reload = _cast_config(x_hp, in_scale)
+    grid = _grid(m, n, block_m, block_n)
     # Triton 3.6 on the H100 wrote wrong transposed bytes from FLOAT32 tiles whose sizes are multiples
     # of 16, with either store (``benchmarks/cast_debug.py``; the row-major bytes were right): a float32
     # input's transposed copy is made from the bytes the program has just stored, read back (RELOAD; the
-    # form ``fp8lm.ops.swiglu`` uses, ``benchmarks/trans_pack_debug.py``).
+    # form ``fp8lm.ops.swiglu`` uses, ``benchmarks/trans_pack_debug.py``). FP16 data with ``in_scale``
+    # takes the same form because it is faster there (``_CAST_CONFIG``).
     x_fp8 = torch.empty(m, n, dtype=fmt.dtype, device=x_hp.device)
     x_fp8_t = torch.empty(n, m, dtype=fmt.dtype, device=x_hp.device) if transpose else None
     partial = torch.empty(grid, dtype=torch.float32, device=x_hp.device) if with_amax else None
@@ -221,10 +231,9 @@ def fused_cast(x_hp: torch.Tensor, fmt: Format | str, scale: torch.Tensor, trans
     _launch(_cast_kernel)[grid](x_hp, scale, x_fp8, x_fp8_t if transpose else x_fp8,
                                 partial if with_amax else x_fp8, m, n, x_hp.stride(0),
                                 FMT_MAX=fmt.max, E4M3=fmt.name == "e4m3", TRANSPOSE=transpose,
-                                TRANS_TILE=trans_tile, AMAX=with_amax, BLOCK_M=_CAST_BLOCK_M, BLOCK_N=_CAST_BLOCK_N,
+                                TRANS_TILE=trans_tile, AMAX=with_amax, BLOCK_M=block_m, BLOCK_N=block_n,
                                 in_scale_ptr=scale if in_scale is None else in_scale.reshape(1).float(),
-                                IN_SCALE=in_scale is not None, RELOAD=x_hp.dtype == torch.float32,
-                                **_cast_options(x_hp))
+                                IN_SCALE=in_scale is not None, RELOAD=reload, **options)
     return x_fp8, x_fp8_t, (partial.amax() if with_amax else None)
 
 

@@ -1,6 +1,6 @@
 """Does a compiled block give eager's gradients? A check for the torch version at hand (issue 5, tenth session).
 
-    python benchmarks/grad_check.py
+    python benchmarks/grad_check.py [--variants]      (--variants: also a copy-everything RMSNorm, for comparison)
 
 The tenth session found, in the Inductor code of the O1 llama-0.75b step on the device image (torch 2.11),
 a backward without the input-gradient GEMMs of the q/k/v and gate/up projections (the two that read an

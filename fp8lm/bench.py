@@ -69,6 +69,11 @@ same for every column, and ratios are taken inside the run.
   for every level, FP8 included, so MFU ratios equal speed ratios), peak memory
   (``torch.cuda.max_memory_allocated`` over warm-up and timed steps) and the ratio to O0 at the
   same compile setting. Input tokens are random ids (fixed per run).
+* Gradient check (``--skip-grad-check`` turns it off): before each level's first compiled row, one tiny
+  block of that level, compiled, must give eager's gradients (``fp8lm.compile_check``; ``same``,
+  ``close`` or ``different``, printed under the step table, with a warning for ``different``). Under
+  the lent GPUs' torch 2.11 the compiled steps of nine sessions lacked both RMSNorms' backward and two
+  input-gradient GEMMs per layer, and ran faster for it, until the tenth session found and fixed it.
 
 Failures (a configuration that raises, e.g. ``torch.compile`` refusing the FP8 path) are recorded
 in the JSON and the table as errors; the other columns still run. ``time_budget_s`` skips what
@@ -125,6 +130,7 @@ class BenchConfig:
     torchao: bool = True  # add torchao columns when it is importable
     gemm: bool = True
     step: bool = True
+    grad_check: bool = True  # compare a compiled block's gradients with eager's first (fp8lm.compile_check)
     peak_tflops: float | None = None  # default H100_BF16_DENSE_PEAK_TFLOPS on CUDA, none on CPU
     time_budget_s: float | None = None
     out: str | None = None
@@ -172,7 +178,7 @@ def resolve(cfg: BenchConfig) -> BenchConfig:
         steps=cfg.steps or (10 if cuda else 2), warmup=cfg.warmup if cfg.warmup is not None else (3 if cuda else 1),
         gemm_repeats=cfg.gemm_repeats or (60 if cuda else 3),
         gemm_shapes=tuple(cfg.gemm_shapes or (GEMM_SHAPES if cuda else SMOKE_GEMM_SHAPES)),
-        compile=compile_mode, torchao=cfg.torchao, gemm=cfg.gemm, step=cfg.step,
+        compile=compile_mode, torchao=cfg.torchao, gemm=cfg.gemm, step=cfg.step, grad_check=cfg.grad_check,
         peak_tflops=cfg.peak_tflops or _default_peak(device),
         time_budget_s=cfg.time_budget_s, out=cfg.out, progress=cfg.progress, command=cfg.command,
     )
@@ -610,10 +616,30 @@ def bench_step_one(cfg: BenchConfig, variant: str, compiled: bool) -> dict:
     return row
 
 
-def bench_steps(cfg: BenchConfig, budget: _Budget, rows: list | None = None, on_row=None) -> list[dict]:
+def grad_check_level(cfg: BenchConfig, level: str, checks: dict) -> None:
+    """Before `level`'s first compiled row: `fp8lm.compile_check.compiled_gradient_check` of one tiny block of
+    that level (the bench's recipe), stored in `checks[level]` (an error is stored as such); once per level."""
+    from fp8lm.compile_check import compiled_gradient_check
+    if level in checks:
+        return
+    try:
+        check = compiled_gradient_check(level, _recipe(cfg), cfg.device)
+        checks[level] = {k: v for k, v in check.items() if k != "per_tensor"}
+        worst = f"worst max diff {check['worst_max_diff']:.3g}, relative L2 {check['worst_rel_l2']:.3g}"
+        zeros = f"; zero only when compiled: {', '.join(check['zero_only_compiled'])}" if check["zero_only_compiled"] else ""
+        _log(cfg, f"gradient check {level}: compiled {check['verdict']} ({worst}{zeros})")
+    except Exception as err:  # report, keep benchmarking
+        checks[level] = {"level": level, "error": f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"}
+        _log(cfg, f"gradient check {level}: {checks[level]['error']}")
+
+
+def bench_steps(cfg: BenchConfig, budget: _Budget, rows: list | None = None, on_row=None,
+                checks: dict | None = None) -> list[dict]:
     """Step-level rows for every level (and torchao) at each compile setting; ratios to O0.
 
     Rows are appended to `rows` (a new list if None); `on_row()` runs after each one (partial saves).
+    With `cfg.grad_check`, each level's first compiled row is preceded by `grad_check_level` into `checks`
+    (torchao's rows share O0's blocks apart from their linears; O0's check covers those).
     """
     from fp8lm.ops.cast import triton_available
     variants = list(cfg.levels) + (["torchao"] if cfg.torchao and torchao_version() else [])
@@ -632,6 +658,9 @@ def bench_steps(cfg: BenchConfig, budget: _Budget, rows: list | None = None, on_
                 continue
             _log(cfg, f"step {tag}: {cfg.preset}, {cfg.batch_size} x {cfg.seq_len} tokens, "
                       f"{cfg.warmup} warm-up + {cfg.steps} timed steps ...")
+            level = next((lv for lv in BENCH_LEVELS if variant.startswith(lv)), None)
+            if compiled and cfg.grad_check and checks is not None and level is not None:
+                grad_check_level(cfg, level, checks)
             try:
                 row = bench_step_one(cfg, variant, compiled)
             except Exception as err:  # report, keep benchmarking the other configurations
@@ -697,7 +726,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         result["gemm"] = bench_gemm(cfg, budget)
         save()
     if cfg.step:
-        bench_steps(cfg, budget, result["step"], save)
+        bench_steps(cfg, budget, result["step"], save, result.setdefault("grad_check", {}))
     save()
     print(format_tables(result))
     return result
@@ -784,4 +813,20 @@ def format_tables(result: dict) -> str:
             lines.append(f"{r['variant']:<{width}}{comp:>9}{r['ms_per_step']:>10.1f}{_cell(r, 'fwd_bwd_ms', '.1f'):>10}"
                          f"{_cell(r, 'optimizer_ms', '.1f'):>8}{r['tokens_per_s']:>11,.0f}{mfu:>7}"
                          f"{_cell(r, 'peak_mem_gib', '.2f'):>10}{ratio:>8}")
+    lines += _grad_check_lines(result.get("grad_check") or {})
     return "\n".join(lines)
+
+
+def _grad_check_lines(checks: dict) -> list[str]:
+    """The gradient checks under the step table: one line, and a warning per level whose compiled block differs."""
+    if not checks:
+        return []
+    cells = [f"{lv} {c['verdict']}" if "verdict" in c else f"{lv} error" for lv, c in checks.items()]
+    backend = next((c["backend"] for c in checks.values() if "backend" in c), "-")
+    lines = ["", f"Compiled block against eager, gradients of one tiny block ({backend}): " + ", ".join(cells)]
+    for lv, c in checks.items():
+        if c.get("verdict") == "different":
+            lines.append(f"WARNING: {lv}'s compiled block computes other gradients than eager "
+                         f"(zero only when compiled: {', '.join(c['zero_only_compiled']) or 'none'}; worst relative "
+                         f"L2 {c['worst_rel_l2']:.3g}): its compiled rows time another computation")
+    return lines

@@ -180,6 +180,8 @@ def add_bench(sub) -> None:
                         "CUDA with Triton takes it by default)")
     b.add_argument("--skip-gemm", action="store_true", help="only the step level")
     b.add_argument("--skip-step", action="store_true", help="only the GEMM level")
+    b.add_argument("--skip-grad-check", action="store_true",
+                   help="do not compare a compiled block's gradients with eager's before the compiled step rows")
     b.add_argument("--time-budget", type=positive_float, help="seconds; configurations not started by then are skipped")
     b.add_argument("--out", help="write the results as JSON to this path")
     b.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
@@ -234,8 +236,8 @@ def run(args: argparse.Namespace) -> None:
             batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps, warmup=args.warmup,
             gemm_repeats=args.gemm_repeats, gemm_shapes=args.gemm_shapes, compile=args.compile,
             torchao=not args.no_torchao,
-            gemm=not args.skip_gemm, step=not args.skip_step, time_budget_s=args.time_budget, out=args.out,
-            progress=not args.no_progress, command=" ".join([PROG, *args.argv])))
+            gemm=not args.skip_gemm, step=not args.skip_step, grad_check=not args.skip_grad_check,
+            time_budget_s=args.time_budget, out=args.out, progress=not args.no_progress, command=" ".join([PROG, *args.argv])))
         return
     if args.command == "inspect":
         from fp8lm.inspection import inspect_preset

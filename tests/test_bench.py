@@ -33,7 +33,8 @@ def test_bench_cpu_smoke_writes_json(tmp_path, capsys, one_thread):
     assert "GEMM level" in printed and "Step level" in printed
     assert "forward GEMM fast accumulation on, fp8lm AdamW step unfused" in printed
     result = json.loads(out.read_text())
-    assert set(result) == {"meta", "gemm", "step"}
+    assert set(result) == {"meta", "gemm", "step", "grad_check"}
+    assert result["grad_check"] == {}  # only compiled step rows are preceded by a gradient check
     meta = result["meta"]
     assert meta["device"] == "cpu" and meta["timer"] == "wall clock" and meta["peak_tflops"] is None
     assert meta["command"].startswith("fp8lm bench") and meta["config"]["preset"] == "tiny"

@@ -99,32 +99,3 @@ def test_o2_block_compiles_around_fp8_saved_attention():
     dynamo.reset()
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
-
-@pytest.mark.parametrize("level", ["O0", "O1"])
-def test_compiled_block_gradients_equal_eager(level):
-    """Every gradient of one block, compiled (``aot_eager``) against eager (O1 bit for bit, O0 to BF16
-    rounding): input and parameters, the RMSNorm gains included. Under torch 2.11 the norms' backward was fed zeros when ``x.float()`` of the
-    float32 residual stream aliased the input (pytorch/pytorch#180642; ``benchmarks/grad_check.py``)."""
-    grads = []
-    for compiled in (False, True):
-        dynamo.reset()
-        model, _ = _model(level, "current")
-        block = model.layers[0]
-        run = torch.compile(block, backend="aot_eager") if compiled else block
-        x = torch.randn(2, 32, 128, generator=torch.Generator().manual_seed(1)).requires_grad_()  # (B, T, C)
-        cos, sin = model.rope_cos[:32], model.rope_sin[:32]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = run(x, cos, sin)
-        y.float().square().sum().backward()
-        got = {"x": x.grad}
-        for name, p in block.named_parameters():
-            got[name] = p.grad.dequantize() if hasattr(p.grad, "dequantize") else p.grad
-        grads.append(got)
-    dynamo.reset()
-    eager, comp = grads
-    assert eager["attn_norm.weight"].abs().sum() > 0 and eager["mlp_norm.weight"].abs().sum() > 0
-    for name, g in eager.items():
-        if level == "O1":  # FP8 casts make any upstream difference a whole FP8 step: nothing may differ
-            assert torch.equal(g, comp[name]), name
-        else:  # BF16 autocast: the compiled graph may round in another order (last bits)
-            torch.testing.assert_close(comp[name], g, rtol=2e-2, atol=1e-3 * float(g.abs().max()), msg=name)

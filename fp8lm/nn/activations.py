@@ -75,10 +75,12 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 def _f32(t: torch.Tensor) -> torch.Tensor:
     """``t`` in float32: ``t`` itself when it is float32 already, never ``t.float()``'s alias of it.
 
-    torch 2.11's Dynamo collects a forward's intermediates that alias its inputs or outputs as extra
-    outputs of the traced ``autograd.Function``, and autograd then routes gradients to the wrong output
-    (pytorch/pytorch#180642): compiled blocks whose float32 residual stream went through ``x.float()``
-    here got zero gradients through both RMSNorms (``benchmarks/grad_check.py``)."""
+    With ``x.float()`` of the float32 residual stream (which returns ``x`` itself) in ``_RMSNorm.forward``,
+    torch 2.11's Dynamo traced the function wrongly: compiled blocks got zero gradients through both
+    RMSNorms and lost two input-gradient GEMMs per layer (``fp8lm.compile_check``, tenth session of
+    ``benchmarks/RESULTS.md``); without the alias they match eager. pytorch/pytorch#180642 reports the same
+    family under 2.11 (a traced function's intermediate aliasing a tensor it returns gets that output's
+    gradient slot wrong)."""
     return t if t.dtype == torch.float32 else t.float()
 
 

@@ -237,7 +237,8 @@ def run(args: argparse.Namespace) -> None:
             gemm_repeats=args.gemm_repeats, gemm_shapes=args.gemm_shapes, compile=args.compile,
             torchao=not args.no_torchao,
             gemm=not args.skip_gemm, step=not args.skip_step, grad_check=not args.skip_grad_check,
-            time_budget_s=args.time_budget, out=args.out, progress=not args.no_progress, command=" ".join([PROG, *args.argv])))
+            time_budget_s=args.time_budget, out=args.out, progress=not args.no_progress,
+            command=" ".join([PROG, *args.argv])))
         return
     if args.command == "inspect":
         from fp8lm.inspection import inspect_preset

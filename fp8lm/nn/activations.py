@@ -73,7 +73,8 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in float32: ``t`` itself when it is float32 already, never ``t.float()``'s alias of it.
+    """``t`` in float32: ``t`` itself when it is float32 already, never ``t.float()``'s alias of it (used in
+    this module's ``autograd.Function``s).
 
     With ``x.float()`` of the float32 residual stream (which returns ``x`` itself) in ``_RMSNorm.forward``,
     torch 2.11's Dynamo traced the function wrongly: compiled blocks got zero gradients through both
@@ -131,7 +132,7 @@ def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate_up, save_fp8):
-        g, u = gate_up.float().chunk(2, dim=-1)  # (..., F) each
+        g, u = _f32(gate_up).chunk(2, dim=-1)  # (..., F) each
         h = (F.silu(g) * u).to(gate_up.dtype)
         if save_fp8:
             ctx.save_for_backward(*quantize_rows(gate_up))
@@ -147,10 +148,10 @@ class _SwiGLU(torch.autograd.Function):
             gu = dequantize_rows(gu_fp8, scale, torch.float32)
         else:
             (gu,) = ctx.saved_tensors
-            gu = gu.float()
+            gu = _f32(gu)
         g, u = gu.chunk(2, dim=-1)  # (..., F) each
         sig = torch.sigmoid(g)
-        dh = grad_h.float()
+        dh = _f32(grad_h)
         grad_g = dh * u * sig * (1 + g * (1 - sig))  # silu'(g) = sig * (1 + g * (1 - sig))
         grad_u = dh * g * sig
         return torch.cat([grad_g, grad_u], dim=-1).to(ctx.dtype), None

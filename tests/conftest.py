@@ -44,6 +44,15 @@ def randn_heavy(*shape, dist="gauss", dtype=torch.float32, device="cpu"):
     return x.to(dtype=dtype, device=device)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny ops ran several times (up to 20x) slower with 2 threads on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def model_runs():
     """All model-level training runs of ``tests/model_runs.py``, trained once per session."""

@@ -17,15 +17,6 @@ def _positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: tiny ops on a shared 2-core machine ran 20x slower with 2 threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_bench_cpu_smoke_writes_json(tmp_path, capsys, one_thread):
     out = tmp_path / "bench.json"
     assert main([*SMOKE, "--fast-accum", "--out", str(out)]) == 0  # (fast accumulation: CUDA only, a no-op here)

@@ -6,12 +6,7 @@ from fp8lm.bench import BenchConfig, bench_steps, format_tables, _Budget, resolv
 from fp8lm.compile_check import compiled_gradient_check
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.mark.parametrize("level", ["O0", "O1"])

@@ -25,13 +25,15 @@ arXiv 2410.19313, of storing non-linear layers' inputs in FP8):
   activation differ in magnitude by orders, its columns much less). Backward dequantizes it, so
   ``dg = dh * u * silu'(g)`` and ``du = dh * silu(g)`` see ``g`` and ``u`` with a relative error up
   to 2^-4 (E4M3 has 3 mantissa bits; below 2^-6 of the row's scale it is absolute, 2^-10 of the
-  row amax). The forward output is exact.
+  row amax). The forward output is exact. ``linear_swiglu`` through an FP8 linear stores the same
+  bytes and scales inside the linear's operation, whose fused backward kernel reads them.
 * ``rms_norm`` stores its input in BF16 (relative error 2^-9): its backward then runs at the
   precision of the BF16 activations around it. The norm output feeds an FP8 GEMM anyway.
 * ``causal_attention`` stores q, k, v as E4M3 with a power-of-two scale per (batch, head, token)
   row and no output: backward dequantizes them and recomputes the attention forward (one more
   attention forward per step, about a third of attention's cost) before its backward. The
-  gradients then see the FP8-rounded q, k, v; the forward output is exact.
+  gradients then see the FP8-rounded q, k, v; the forward output is exact. The recomputation is a
+  ``torch.func.vjp`` of the attention, which ``torch.compile`` traces into the block's graph.
 
 The plain-PyTorch twins (``rms_norm_reference``, ``swiglu_reference``) are the test oracles.
 """
@@ -169,12 +171,12 @@ def swiglu(gate_up: torch.Tensor, save_fp8: bool = False) -> torch.Tensor:
 
 def linear_swiglu(linear: torch.nn.Module, x: torch.Tensor, save_fp8: bool = False) -> torch.Tensor:
     """``swiglu(linear(x), save_fp8)``; a linear that lists ``"swiglu"`` in ``fused_activations`` (an FP8
-    ``Float8Linear``) computes it as ``linear(x, activation="swiglu")`` instead, one operation whose backward
-    casts its output gradient to FP8 inside SwiGLU's backward kernel (``fp8lm.ops.swiglu``). The forward
-    values are the same either way; ``save_fp8`` (O2's FP8-saved activations) takes the unfused path.
-    Called through the module, so hooks (FSDP2's all-gather) run as for ``linear(x)``."""
-    if not save_fp8 and "swiglu" in getattr(linear, "fused_activations", ()):
-        return linear(x, activation="swiglu")
+    ``Float8Linear``) computes it as ``linear(x, activation="swiglu", save_fp8=...)`` instead, one operation
+    whose backward casts its output gradient to FP8 inside SwiGLU's backward kernel (``fp8lm.ops.swiglu``),
+    which also reads an FP8-saved ``gate_up`` (O2). The forward values and what is saved are the same either
+    way. Called through the module, so hooks (FSDP2's all-gather) run as for ``linear(x)``."""
+    if "swiglu" in getattr(linear, "fused_activations", ()):
+        return linear(x, activation="swiglu", save_fp8=True) if save_fp8 else linear(x, activation="swiglu")
     return swiglu(linear(x), save_fp8=save_fp8)
 
 
@@ -182,8 +184,7 @@ def linear_swiglu(linear: torch.nn.Module, x: torch.Tensor, save_fp8: bool = Fal
 class _FP8SavedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v):
-        with torch.no_grad():
-            y = _sdpa(q, k, v)
+        y = _sdpa(q, k, v)  # (autograd records nothing inside a Function's forward)
         saved = [t for x in (q, k, v) for t in quantize_rows(x)]
         ctx.save_for_backward(*saved)
         ctx.dtype = q.dtype
@@ -192,17 +193,16 @@ class _FP8SavedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         q_fp8, q_s, k_fp8, k_s, v_fp8, v_s = ctx.saved_tensors
-        qkv = [dequantize_rows(x, s, ctx.dtype).requires_grad_() for x, s in ((q_fp8, q_s), (k_fp8, k_s), (v_fp8, v_s))]
-        with torch.enable_grad():
-            y = _sdpa(*qkv)
-        return torch.autograd.grad(y, qkv, grad_y)
+        qkv = [dequantize_rows(x, s, ctx.dtype) for x, s in ((q_fp8, q_s), (k_fp8, k_s), (v_fp8, v_s))]
+        # The forward recomputed and differentiated as a function (torch.func.vjp), not through autograd's
+        # graph (requires_grad_ + autograd.grad): Dynamo traces this form, so compiled blocks keep the
+        # attention in their graph (with the other form it ran eagerly behind a graph break: on the H100,
+        # an O2 step 2x slower in its attention and residual-gradient adds, benchmarks/RESULTS.md).
+        _, vjp = torch.func.vjp(_sdpa, *qkv)
+        return vjp(grad_y)
 
 
-@torch.compiler.disable
 def _fp8_saved_attention(q, k, v):
-    """Runs eager inside compiled code: the backward recomputes the forward under autograd
-    (``requires_grad_`` + ``autograd.grad``), which Dynamo cannot trace (torch 2.11 on CUDA refused the
-    whole block, so O2 blocks ran eager). The break costs one graph split per attention call."""
     return _FP8SavedAttention.apply(q, k, v)
 
 

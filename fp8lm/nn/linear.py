@@ -96,7 +96,7 @@ import torch
 from torch import nn
 
 from fp8lm.formats import FORMATS, Format, amax, quantize, scale_from_amax
-from fp8lm.nn.activations import swiglu_reference
+from fp8lm.nn.activations import quantize_rows, swiglu_reference
 from fp8lm.ops.cast import fused_amax, fused_cast, transpose_fp8, triton_available
 from fp8lm.ops.gemm import fp8_mm
 from fp8lm.ops.swiglu import swiglu_backward_cast, swiglu_grad_amax
@@ -280,11 +280,17 @@ class Float8Linear(nn.Linear):
             self.fp8_last_scale[row].copy_(scale)
         return scale
 
-    def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, activation: str | None = None, save_fp8: bool = False) -> torch.Tensor:
         """``x @ weight.T (+ bias)`` in FP8; with ``activation="swiglu"``, ``silu(g) * u`` of that output's halves
-        ``[g | u]`` (..., out_features / 2), computed in the same operation (see ``fused_activations``)."""
+        ``[g | u]`` (..., out_features / 2), computed in the same operation (see ``fused_activations``).
+        ``save_fp8`` (with ``activation="swiglu"``; level O2's FP8-saved activations) saves ``[g | u]`` for
+        backward as E4M3 with one power-of-two scale per row instead of in its own dtype: the output is the
+        same, SwiGLU's backward reads ``g`` and ``u`` rounded to E4M3 (``fp8lm.nn.activations``)."""
         if activation not in ACTIVATIONS:
             raise ValueError(f"Float8Linear: unknown activation {activation!r}; allowed: {ACTIVATIONS}")
+        if save_fp8 and activation != "swiglu":
+            raise ValueError("Float8Linear: save_fp8 saves SwiGLU's input; it needs activation='swiglu', got "
+                             f"activation={activation!r}")
         if activation == "swiglu" and (self.bias is not None or self.out_features % 2):
             raise ValueError("Float8Linear: activation 'swiglu' needs a layer without bias and an even number of "
                              f"outputs (bias: {self.bias is not None}, out_features: {self.out_features})")
@@ -311,7 +317,7 @@ class Float8Linear(nn.Linear):
                 # this forward's backward (a Python flag: compiled code recompiles once when it flips).
                 self.fp8_history_ready = True
             return _Float8LinearFn.apply(x, self.weight, self.bias, self, out_dtype, update, recompute, ready,
-                                         activation)
+                                         activation, bool(save_fp8))
 
 
     def push_amax(self, row: int, amax_now: torch.Tensor) -> None:
@@ -398,12 +404,14 @@ def _fp8_forward(layer: Float8Linear, x2d, w_hp, update: bool, recompute: bool, 
 
 class _Float8LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_hp, w_hp, bias, layer, out_dtype, update, recompute, ready, activation=None):
+    def forward(ctx, x_hp, w_hp, bias, layer, out_dtype, update, recompute, ready, activation=None, save_fp8=False):
         x2d = x_hp.reshape(-1, x_hp.shape[-1])  # (M, K)
         out, x_fp8, x_scale, w_fp8, w_scale = _fp8_forward(layer, x2d, w_hp, update, recompute, out_dtype, ready)
         if bias is not None:
             out = out + bias.to(out_dtype)
-        saved = (out,) if activation == "swiglu" else ()  # gu = [g | u] (M, N): SwiGLU's backward reads it
+        saved = ()  # gu = [g | u] (M, N) for SwiGLU's backward: as it is, or E4M3 rows and their scales (M, 1)
+        if activation == "swiglu":
+            saved = quantize_rows(out) if save_fp8 else (out,)
         ctx.save_for_backward(x_fp8, x_scale, w_fp8, w_scale, *saved)
         ctx.layer, ctx.update, ctx.ready, ctx.scaled_w = layer, update, ready, isinstance(w_hp, ScaledTensor)
         ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x_hp.shape, x_hp.dtype, w_hp.dtype
@@ -419,7 +427,7 @@ class _Float8LinearFn(torch.autograd.Function):
         g2d = grad_out.reshape(-1, grad_out.shape[-1])  # (M, N), or (M, N / 2) after a SwiGLU
         fmt = layer.recipe.grad
         if gu:  # the output gradient from SwiGLU's backward, cast in the same pass: (M, N), (N, M)
-            g_fp8, g_fp8_t, g_scale = _swiglu_grad_cast(layer, gu[0], g2d, ctx.update, ctx.ready)
+            g_fp8, g_fp8_t, g_scale = _swiglu_grad_cast(layer, gu, g2d, ctx.update, ctx.ready)
         else:
             g_fp8, g_fp8_t, g_scale = _cast_scaled(layer, _G, g2d, fmt, ctx.update, False, ctx.ready, True)
         g_inv, emulate = g_scale.reciprocal(), layer.recipe.emulate
@@ -435,20 +443,22 @@ class _Float8LinearFn(torch.autograd.Function):
                 grad_w = ScaledTensor.from_hp(grad_w, FORMATS[layer.wgrad_format].dtype)
         if ctx.needs_input_grad[2]:
             grad_b = g2d.float().sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
-def _swiglu_grad_cast(layer: Float8Linear, gu: torch.Tensor, da: torch.Tensor, update: bool, ready: bool):
+def _swiglu_grad_cast(layer: Float8Linear, saved: list, da: torch.Tensor, update: bool, ready: bool):
     """``(g_fp8, g_fp8_t, scale)`` of the gradient of ``gu = [g | u]`` (M, N) given that of ``silu(g) * u``
     (``da``, (M, N / 2)): SwiGLU's backward and the FP8 cast in one pass (``fp8lm.ops.swiglu``), the state
-    updated as ``_cast_scaled`` does. A ready delayed scale takes the amax from the cast's pass; a scale that
-    needs the amax first (current scaling, a delayed history's first step) gets it from an amax-only pass."""
+    updated as ``_cast_scaled`` does. ``saved`` is ``[gu]`` or, FP8-saved, ``[gu_fp8, gu_row_scales]``.
+    A ready delayed scale takes the amax from the cast's pass; a scale that needs the amax first (current
+    scaling, a delayed history's first step) gets it from an amax-only pass."""
+    gu, gu_scale = saved[0], (saved[1] if len(saved) == 2 else None)
     fmt, scaling = layer.recipe.grad, layer.recipe.scaling
     from_history = scaling == "static" or (scaling == "delayed" and ready)
     later = update and ready and scaling == "delayed"
-    amax_now = None if from_history else swiglu_grad_amax(gu, da)
+    amax_now = None if from_history else swiglu_grad_amax(gu, da, gu_scale)
     scale = layer.fp8_scale(_G, da, fmt, update, False, ready, amax_later=later, amax_now=amax_now)
-    g_fp8, g_fp8_t, a = swiglu_backward_cast(gu, da, fmt, scale, with_amax=later)
+    g_fp8, g_fp8_t, a = swiglu_backward_cast(gu, da, fmt, scale, with_amax=later, gu_scale=gu_scale)
     if later:
         layer.push_amax(_G, a)
     return g_fp8, g_fp8_t, scale

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import torch
 
-from fp8lm.formats import Format, amax, get_format, quantize
+from fp8lm.formats import Format, amax, dequantize, get_format, quantize
 from fp8lm.ops.cast import _grid, _launch, _operator, triton, triton_available
 
 __all__ = ["swiglu_backward_cast", "swiglu_backward_cast_reference", "swiglu_grad_amax"]
@@ -55,16 +55,22 @@ if triton is not None:
     from fp8lm.ops.cast import _saturating_cast, _tile_amax
 
     @triton.jit
-    def _swiglu_bwd_kernel(gu_ptr, da_ptr, scale_ptr, out_ptr, out_t_ptr, partial_ptr, M, F, stride_gu, stride_da,
-                           FMT_MAX: tl.constexpr, E4M3: tl.constexpr, CAST: tl.constexpr, AMAX: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TRANS: tl.constexpr):
+    def _swiglu_bwd_kernel(gu_ptr, gu_scale_ptr, da_ptr, scale_ptr, out_ptr, out_t_ptr, partial_ptr, M, F, stride_gu,
+                           stride_da, FMT_MAX: tl.constexpr, E4M3: tl.constexpr, CAST: tl.constexpr,
+                           AMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TRANS: tl.constexpr,
+                           GU_FP8: tl.constexpr):
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (rm[:, None] < M) & (rn[None, :] < F)
         row_gu = gu_ptr + rm[:, None] * stride_gu + rn[None, :]
-        g = tl.load(row_gu, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(row_gu + F, mask=mask, other=0.0).to(tl.float32)
+        if GU_FP8:  # E4M3 bytes (passed as uint8) and one scale per row: g = bytes / scale, as `dequantize`
+            s_row = tl.load(gu_scale_ptr + rm, mask=rm < M, other=1.0)[:, None]  # (BLOCK_M, 1)
+            g = tl.load(row_gu, mask=mask, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32) / s_row
+            u = tl.load(row_gu + F, mask=mask, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32) / s_row
+        else:
+            g = tl.load(row_gu, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(row_gu + F, mask=mask, other=0.0).to(tl.float32)
         da = tl.load(da_ptr + rm[:, None] * stride_da + rn[None, :], mask=mask, other=0.0).to(tl.float32)
         sig = 1.0 / (1.0 + tl.exp(-g))
         dg = da * u * sig * (1.0 + g * (1.0 - sig))
@@ -87,29 +93,42 @@ if triton is not None:
             tl.store(partial_ptr + pid_m * tl.num_programs(1) + pid_n, a)
 
 
-def _check(gu: torch.Tensor, da: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _check(gu: torch.Tensor, da: torch.Tensor, gu_scale: torch.Tensor | None = None):
+    """``(gu, da, gu_scale)`` checked, with unit-stride rows (copies only where a row is strided)."""
     if gu.dim() != 2 or da.dim() != 2 or gu.shape[1] != 2 * da.shape[1] or gu.shape[0] != da.shape[0]:
         raise ValueError(f"swiglu backward: gu must be (M, 2F) and da (M, F), got {tuple(gu.shape)} and "
                          f"{tuple(da.shape)}")
-    for name, t in (("gu", gu), ("da", da)):
-        if not t.is_floating_point() or t.element_size() < 2:
-            raise ValueError(f"swiglu backward: {name} must be float16, bfloat16 or float32, got {t.dtype}")
-    return (gu if gu.stride(1) == 1 else gu.contiguous()), (da if da.stride(1) == 1 else da.contiguous())
+    if not da.is_floating_point() or da.element_size() < 2:
+        raise ValueError(f"swiglu backward: da must be float16, bfloat16 or float32, got {da.dtype}")
+    if gu_scale is None:
+        if not gu.is_floating_point() or gu.element_size() < 2:
+            raise ValueError(f"swiglu backward: gu must be float16, bfloat16 or float32 (or float8_e4m3fn with "
+                             f"gu_scale), got {gu.dtype}")
+    else:
+        if gu.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"swiglu backward: gu_scale is for an E4M3 gu (fp8lm.nn.activations.quantize_rows), "
+                             f"got gu of {gu.dtype}")
+        if gu_scale.shape != (gu.shape[0], 1) or gu_scale.dtype != torch.float32:
+            raise ValueError(f"swiglu backward: gu_scale must be float32 of shape ({gu.shape[0]}, 1), one scale per "
+                             f"row of gu, got {gu_scale.dtype} {tuple(gu_scale.shape)}")
+        gu_scale = gu_scale.contiguous()
+    return (gu if gu.stride(1) == 1 else gu.contiguous()), (da if da.stride(1) == 1 else da.contiguous()), gu_scale
 
 
-def _grad_hp(gu: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
-    """``[dg | du]`` in float32 (the module docstring's formulas)."""
-    g, u = gu.float().chunk(2, dim=-1)  # (M, F) each
+def _grad_hp(gu: torch.Tensor, da: torch.Tensor, gu_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``[dg | du]`` in float32 (the module docstring's formulas); an E4M3 ``gu`` is divided by its row scales."""
+    gu32 = gu.float() if gu_scale is None else dequantize(gu, gu_scale, torch.float32)
+    g, u = gu32.chunk(2, dim=-1)  # (M, F) each
     da = da.float()
     sig = torch.sigmoid(g)
     return torch.cat([da * u * sig * (1 + g * (1 - sig)), da * g * sig], dim=-1)  # (M, 2F)
 
 
 def swiglu_backward_cast_reference(gu: torch.Tensor, da: torch.Tensor, fmt: Format | str, scale: torch.Tensor,
-                                   with_amax: bool = False):
+                                   with_amax: bool = False, gu_scale: torch.Tensor | None = None):
     """The plain-torch twin of ``swiglu_backward_cast``: ``(dgu_fp8, dgu_fp8_t, amax | None)``."""
-    gu, da = _check(gu, da)
-    dgu = _grad_hp(gu, da)  # (M, 2F) float32
+    gu, da, gu_scale = _check(gu, da, gu_scale)
+    dgu = _grad_hp(gu, da, gu_scale)  # (M, 2F) float32
     dgu_fp8 = quantize(dgu, get_format(fmt), scale)
     return dgu_fp8, dgu_fp8.t().contiguous(), (amax(dgu) if with_amax else None)
 
@@ -118,55 +137,66 @@ def _use_kernel(gu: torch.Tensor) -> bool:
     return gu.is_cuda and triton_available(gu.device) and gu.numel() > 0
 
 
-def _fake_swiglu_grad_amax(gu, da):
+def _kernel_inputs(gu: torch.Tensor, gu_scale: torch.Tensor | None) -> dict:
+    """The kernel's ``gu`` arguments: E4M3 bytes as uint8 with their row scales, or the 16/32-bit tensor."""
+    if gu_scale is None:
+        return dict(gu_ptr=gu, gu_scale_ptr=gu, GU_FP8=False)
+    return dict(gu_ptr=gu.view(torch.uint8), gu_scale_ptr=gu_scale, GU_FP8=True)
+
+
+def _fake_swiglu_grad_amax(gu, da, gu_scale=None):
     return gu.new_empty((), dtype=torch.float32)
 
 
-def swiglu_grad_amax(gu: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
+def swiglu_grad_amax(gu: torch.Tensor, da: torch.Tensor, gu_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``max |dgu|`` (float32 scalar; NaN if any element is NaN) without writing ``dgu``: the first of
     two passes when the cast's scale needs the amax first (current scaling, a delayed history's first step).
-    Triton on CUDA, the twin elsewhere; compiled code calls it as the operator ``fp8lm::swiglu_grad_amax``."""
-    return (_swiglu_grad_amax_op if torch.compiler.is_compiling() else _swiglu_grad_amax)(gu, da)
+    ``gu_scale`` as in ``swiglu_backward_cast``. Triton on CUDA, the twin elsewhere; compiled code calls it
+    as the operator ``fp8lm::swiglu_grad_amax``."""
+    return (_swiglu_grad_amax_op if torch.compiler.is_compiling() else _swiglu_grad_amax)(gu, da, gu_scale)
 
 
-def _swiglu_grad_amax(gu: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
-    gu, da = _check(gu, da)
+def _swiglu_grad_amax(gu: torch.Tensor, da: torch.Tensor, gu_scale: torch.Tensor | None = None) -> torch.Tensor:
+    gu, da, gu_scale = _check(gu, da, gu_scale)
     if not _use_kernel(gu):
-        return amax(_grad_hp(gu, da))
+        return amax(_grad_hp(gu, da, gu_scale))
     m, f = da.shape
     grid = _grid(m, f, _BLOCK_M, _BLOCK_N)
     partial = torch.empty(grid, dtype=torch.float32, device=gu.device)
-    _launch(_swiglu_bwd_kernel)[grid](gu, da, partial, partial, partial, partial, m, f, gu.stride(0), da.stride(0),
-                                      FMT_MAX=448.0, E4M3=True, CAST=False, AMAX=True, BLOCK_M=_BLOCK_M,
-                                      BLOCK_N=_BLOCK_N, TRANS=False, num_warps=_WARPS)
+    _launch(_swiglu_bwd_kernel)[grid](**_kernel_inputs(gu, gu_scale), da_ptr=da, scale_ptr=partial, out_ptr=partial,
+                                      out_t_ptr=partial, partial_ptr=partial, M=m, F=f, stride_gu=gu.stride(0),
+                                      stride_da=da.stride(0), FMT_MAX=448.0, E4M3=True, CAST=False, AMAX=True,
+                                      BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, TRANS=False, num_warps=_WARPS)
     return partial.amax()
 
 
 _swiglu_grad_amax_op = _operator("fp8lm::swiglu_grad_amax", _fake_swiglu_grad_amax)(_swiglu_grad_amax)
 
 
-def _fake_swiglu_backward_cast(gu, da, scale, fmt, with_amax):
+def _fake_swiglu_backward_cast(gu, da, scale, fmt, with_amax, gu_scale=None):
     m, f = da.shape
     dtype = get_format(fmt).dtype
     return (gu.new_empty((m, 2 * f), dtype=dtype), gu.new_empty((2 * f, m), dtype=dtype),
             gu.new_empty((), dtype=torch.float32))
 
 
-def _swiglu_backward_cast(gu: torch.Tensor, da: torch.Tensor, scale: torch.Tensor, fmt: str,
-                             with_amax: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gu, da = _check(gu, da)
+def _swiglu_backward_cast(gu: torch.Tensor, da: torch.Tensor, scale: torch.Tensor, fmt: str, with_amax: bool,
+                          gu_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gu, da, gu_scale = _check(gu, da, gu_scale)
     fmt_ = get_format(fmt)
     if not _use_kernel(gu):
-        dgu_fp8, dgu_fp8_t, a = swiglu_backward_cast_reference(gu, da, fmt_, scale, with_amax)
+        dgu_fp8, dgu_fp8_t, a = swiglu_backward_cast_reference(gu, da, fmt_, scale, with_amax, gu_scale)
         return dgu_fp8, dgu_fp8_t, (a if with_amax else gu.new_zeros((), dtype=torch.float32))
     m, f = da.shape
     grid = _grid(m, f, _BLOCK_M, _BLOCK_N)
     out = torch.empty(m, 2 * f, dtype=fmt_.dtype, device=gu.device)
     out_t = torch.empty(2 * f, m, dtype=fmt_.dtype, device=gu.device)
     partial = torch.empty(grid, dtype=torch.float32, device=gu.device)
-    _launch(_swiglu_bwd_kernel)[grid](gu, da, scale.reshape(1).float(), out, out_t, partial, m, f, gu.stride(0),
-                                      da.stride(0), FMT_MAX=fmt_.max, E4M3=fmt_.name == "e4m3", CAST=True,
-                                      AMAX=with_amax, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, TRANS=True, num_warps=_WARPS)
+    _launch(_swiglu_bwd_kernel)[grid](**_kernel_inputs(gu, gu_scale), da_ptr=da, scale_ptr=scale.reshape(1).float(),
+                                      out_ptr=out, out_t_ptr=out_t, partial_ptr=partial, M=m, F=f,
+                                      stride_gu=gu.stride(0), stride_da=da.stride(0), FMT_MAX=fmt_.max,
+                                      E4M3=fmt_.name == "e4m3", CAST=True, AMAX=with_amax, BLOCK_M=_BLOCK_M,
+                                      BLOCK_N=_BLOCK_N, TRANS=True, num_warps=_WARPS)
     return out, out_t, (partial.amax() if with_amax else partial.new_zeros(()))
 
 
@@ -174,13 +204,15 @@ _swiglu_backward_cast_op = _operator("fp8lm::swiglu_backward_cast", _fake_swiglu
 
 
 def swiglu_backward_cast(gu: torch.Tensor, da: torch.Tensor, fmt: Format | str, scale: torch.Tensor,
-                         with_amax: bool = False):
+                         with_amax: bool = False, gu_scale: torch.Tensor | None = None):
     """SwiGLU's input gradient cast to FP8 in one pass: ``(dgu_fp8, dgu_fp8_t, amax | None)``.
 
     ``gu`` (M, 2F) is the saved ``[g | u]``, ``da`` (M, F) the gradient of ``silu(g) * u``; ``dgu_fp8``
     (M, 2F) and its transposed copy ``dgu_fp8_t`` (2F, M) are ``dgu`` cast with ``scale`` (a one-element
-    float32 tensor) to ``fmt``; ``amax`` is ``max |dgu|`` when ``with_amax``. Triton on CUDA, the twin
-    elsewhere (module docstring).
+    float32 tensor) to ``fmt``; ``amax`` is ``max |dgu|`` when ``with_amax``. ``gu`` may be saved in FP8
+    (level O2's FP8-saved activations): E4M3 with ``gu_scale``, float32 (M, 1), one power-of-two scale per
+    row (``fp8lm.nn.activations.quantize_rows``); it is read as ``gu / gu_scale``. Triton on CUDA, the
+    twin elsewhere (module docstring).
 
     Compiled code calls it as the operator ``fp8lm::swiglu_backward_cast`` (a ``triton_op``: Inductor
     launches the kernel); eager code launches the kernel directly, without the operator's dispatch.
@@ -189,5 +221,5 @@ def swiglu_backward_cast(gu: torch.Tensor, da: torch.Tensor, fmt: Format | str, 
     if scale.numel() != 1:
         raise ValueError(f"scale must have one element, got shape {tuple(scale.shape)}")
     call = _swiglu_backward_cast_op if torch.compiler.is_compiling() else _swiglu_backward_cast
-    dgu_fp8, dgu_fp8_t, a = call(gu, da, scale, fmt.name, bool(with_amax))
+    dgu_fp8, dgu_fp8_t, a = call(gu, da, scale, fmt.name, bool(with_amax), gu_scale)
     return dgu_fp8, dgu_fp8_t, (a if with_amax else None)

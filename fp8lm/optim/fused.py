@@ -271,27 +271,15 @@ if triton is not None:
 
     # ---- kernels --------------------------------------------------------------------------------
 
-    @triton.jit(do_not_specialize=["seed"])
-    def _fp8_state_kernel(w_ptr, w_scale_ptr, g_ptr, g_scale_ptr, m_fp8_ptr, m_scale_ptr, v_fp16_ptr, v_scale_ptr,
-                          scratch_ptr, n, seed, decay, l2, lerp_w, beta2, one_minus_b2, neg_step_size, bc2, eps,
-                          bound_q, bound_update, PASS2: tl.constexpr, MASTER: tl.constexpr,
-                          GRAD_SCALED: tl.constexpr, GRAD_E4M3: tl.constexpr, HAS_DECAY: tl.constexpr,
-                          HAS_L2: tl.constexpr, LERP_SMALL: tl.constexpr, BC2_RECIP: tl.constexpr,
-                          CPU_ORDER: tl.constexpr, STOCH_V: tl.constexpr,
-                          STOCH_W: tl.constexpr, BLOCK: tl.constexpr):
-        """FP8 m (q = m / r) + FP16 r = sqrt(v) state; pass 1 (amax) or pass 2 (encode, update)."""
-        pid = tl.program_id(0)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        if PASS2:  # the old scales, saved by pass 1 (pass 2 overwrites the state's)
-            v_scale_old = tl.load(scratch_ptr + _OLD + _R)
-            m_scale_old = tl.load(scratch_ptr + _OLD + _Q)
-            w_scale_old = tl.load(scratch_ptr + _OLD + _W)
-        else:
-            v_scale_old = tl.load(v_scale_ptr)
-            m_scale_old = tl.load(m_scale_ptr)
-            w_scale_old = tl.load(w_scale_ptr)  # the scratch itself when not MASTER (unused)
-        if (MASTER or PASS2) or HAS_L2:  # (Triton refuses chained boolean operators)
+    @triton.jit
+    def _fp8_state_values(w_ptr, g_ptr, g_scale_ptr, m_fp8_ptr, v_fp16_ptr, offs, mask, w_scale_old, m_scale_old,
+                          v_scale_old, decay, l2, lerp_w, beta2, one_minus_b2, neg_step_size, bc2, eps, bound_update,
+                          NEED_W: tl.constexpr, MASTER: tl.constexpr, GRAD_SCALED: tl.constexpr,
+                          GRAD_E4M3: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_L2: tl.constexpr,
+                          LERP_SMALL: tl.constexpr, BC2_RECIP: tl.constexpr, BLOCK: tl.constexpr):
+        """This step's FP32 ``(m, r, w_new)`` of one block from the FP8 m / FP16 r state (both passes: same code,
+        same bits). ``w_new`` is only meaningful with NEED_W (else the weight is not read)."""
+        if NEED_W:
             w = _load_w(w_ptr, w_scale_old, offs, mask, MASTER)
         else:  # pass 1 of an FP32 parameter under AdamW: the weight is not needed
             w = tl.zeros([BLOCK], tl.float32)
@@ -301,50 +289,87 @@ if triton is not None:
         m_old = _div_by_scale(_load_e4m3(m_fp8_ptr, offs, mask), m_scale_old) * r_old
         m = _lerp(m_old, g_hp, lerp_w, LERP_SMALL)
         r = tl.sqrt_rn(_new_v(r_old * r_old, g_hp, beta2, one_minus_b2))
-        if MASTER or PASS2:
-            update = _clamp(tl.div_rn(m, _denom(r, bc2, eps, BC2_RECIP)), bound_update)
-            w_new = tl.fma(neg_step_size, update, w)  # add_(update, alpha=-step_size)
-        if not PASS2:
-            q = tl.where(r > 0, tl.div_rn(tl.abs(m), r), 0.0)
-            _amax_into(scratch_ptr, _R, r, mask)
-            _amax_into(scratch_ptr, _Q, q, mask)
-            if MASTER:
-                _amax_into(scratch_ptr, _W, w_new, mask)
-            if pid == 0:
-                tl.store(scratch_ptr + _OLD + _R, v_scale_old)
-                tl.store(scratch_ptr + _OLD + _Q, m_scale_old)
-                tl.store(scratch_ptr + _OLD + _W, w_scale_old)
+        update = _clamp(tl.div_rn(m, _denom(r, bc2, eps, BC2_RECIP)), bound_update)
+        w_new = tl.fma(neg_step_size, update, w)  # add_(update, alpha=-step_size)
+        return m, r, w_new
+
+    @triton.jit
+    def _fp8_state_amax_kernel(w_ptr, w_scale_ptr, g_ptr, g_scale_ptr, m_fp8_ptr, m_scale_ptr, v_fp16_ptr,
+                               v_scale_ptr, scratch_ptr, n, decay, l2, lerp_w, beta2, one_minus_b2, neg_step_size,
+                               bc2, eps, bound_update, MASTER: tl.constexpr, GRAD_SCALED: tl.constexpr,
+                               GRAD_E4M3: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_L2: tl.constexpr,
+                               LERP_SMALL: tl.constexpr, BC2_RECIP: tl.constexpr, BLOCK: tl.constexpr):
+        """Pass 1 of the FP8 state (read-only): amax of r, q = |m| / r and (MASTER) w_new, one block per program
+        (several blocks per program, to issue fewer atomics, ran 3.9x slower on the H100: RESULTS.md)."""
+        pid = tl.program_id(0)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        v_scale_old = tl.load(v_scale_ptr)
+        m_scale_old = tl.load(m_scale_ptr)
+        w_scale_old = tl.load(w_scale_ptr)  # the scratch itself when not MASTER (unused)
+        m, r, w_new = _fp8_state_values(w_ptr, g_ptr, g_scale_ptr, m_fp8_ptr, v_fp16_ptr, offs, mask, w_scale_old,
+                                        m_scale_old, v_scale_old, decay, l2, lerp_w, beta2, one_minus_b2,
+                                        neg_step_size, bc2, eps, bound_update, MASTER or HAS_L2, MASTER, GRAD_SCALED,
+                                        GRAD_E4M3, HAS_DECAY, HAS_L2, LERP_SMALL, BC2_RECIP, BLOCK)
+        _amax_into(scratch_ptr, _R, r, mask)
+        _amax_into(scratch_ptr, _Q, tl.where(r > 0, tl.div_rn(tl.abs(m), r), 0.0), mask)
+        if MASTER:
+            _amax_into(scratch_ptr, _W, w_new, mask)
+        if pid == 0:  # the old scales, for pass 2 (which overwrites the state's)
+            tl.store(scratch_ptr + _OLD + _R, v_scale_old)
+            tl.store(scratch_ptr + _OLD + _Q, m_scale_old)
+            tl.store(scratch_ptr + _OLD + _W, w_scale_old)
+
+    @triton.jit(do_not_specialize=["seed"])
+    def _fp8_state_kernel(w_ptr, w_scale_ptr, g_ptr, g_scale_ptr, m_fp8_ptr, m_scale_ptr, v_fp16_ptr, v_scale_ptr,
+                          scratch_ptr, n, seed, decay, l2, lerp_w, beta2, one_minus_b2, neg_step_size, bc2, eps,
+                          bound_q, bound_update, MASTER: tl.constexpr,
+                          GRAD_SCALED: tl.constexpr, GRAD_E4M3: tl.constexpr, HAS_DECAY: tl.constexpr,
+                          HAS_L2: tl.constexpr, LERP_SMALL: tl.constexpr, BC2_RECIP: tl.constexpr,
+                          CPU_ORDER: tl.constexpr, STOCH_V: tl.constexpr,
+                          STOCH_W: tl.constexpr, BLOCK: tl.constexpr):
+        """Pass 2 of the FP8 m (q = m / r) + FP16 r = sqrt(v) state: the new scales from pass 1's amaxes, encode
+        and store m, r and the weight."""
+        pid = tl.program_id(0)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        v_scale_old = tl.load(scratch_ptr + _OLD + _R)  # the old scales, saved by pass 1
+        m_scale_old = tl.load(scratch_ptr + _OLD + _Q)
+        w_scale_old = tl.load(scratch_ptr + _OLD + _W)
+        m, r, w_new = _fp8_state_values(w_ptr, g_ptr, g_scale_ptr, m_fp8_ptr, v_fp16_ptr, offs, mask, w_scale_old,
+                                        m_scale_old, v_scale_old, decay, l2, lerp_w, beta2, one_minus_b2,
+                                        neg_step_size, bc2, eps, bound_update, True, MASTER, GRAD_SCALED, GRAD_E4M3,
+                                        HAS_DECAY, HAS_L2, LERP_SMALL, BC2_RECIP, BLOCK)
+        u_v, u_m, u_w, _ = tl.rand4x(seed, offs)
+        v_scale = _scale_from_amax(_amax_from(scratch_ptr, _R), 65504.0)
+        amax_q = _amax_from(scratch_ptr, _Q)
+        amax_q = tl.where(amax_q > bound_q, bound_q, amax_q) * (1.0 + 2.0**-8)
+        m_scale = _scale_from_amax(amax_q, 448.0)
+        # r: FP16, saturating + NaN under "nearest" (formats.quantize), inf kept under "stochastic"
+        x = r * v_scale
+        if STOCH_V:
+            y = tl.where(_is_finite(x), _round_to_grid(x, u_v, 10, -14, 65504.0, False, True), x)
         else:
-            u_v, u_m, u_w, _ = tl.rand4x(seed, offs)
-            v_scale = _scale_from_amax(_amax_from(scratch_ptr, _R), 65504.0)
-            amax_q = _amax_from(scratch_ptr, _Q)
-            amax_q = tl.where(amax_q > bound_q, bound_q, amax_q) * (1.0 + 2.0**-8)
-            m_scale = _scale_from_amax(amax_q, 448.0)
-            # r: FP16, saturating + NaN under "nearest" (formats.quantize), inf kept under "stochastic"
-            x = r * v_scale
-            if STOCH_V:
-                y = tl.where(_is_finite(x), _round_to_grid(x, u_v, 10, -14, 65504.0, False, True), x)
-            else:
-                y = tl.where(_is_finite(x), _round_to_grid(x, u_v, 10, -14, 65504.0, True, False), float("nan"))
-            tl.store(v_fp16_ptr + offs, y.to(tl.float16), mask=mask)
-            r_stored = _div_by_scale(y, v_scale)
-            # q = m / r_stored: E4M3, saturating, non-finite -> NaN
-            q = _clamp(tl.where(r_stored > 0, tl.div_rn(m, r_stored), 0.0), bound_q)
-            x = q * m_scale
-            y = _round_to_grid(x, u_m, 3, -6, 448.0, True, STOCH_V)
-            y = tl.where(_is_finite(x), y, float("nan"))
-            y8 = y.to(tl.float8e4nv, fp_downcast_rounding="rtne")  # exact: y is on the grid
-            tl.store(m_fp8_ptr + offs, y8.to(tl.uint8, bitcast=True), mask=mask)
-            if MASTER:
-                w_scale = _master_scale(_amax_from(scratch_ptr, _W), _TARGET)
-                tl.store(w_ptr + offs, _encode_fp16_master(w_new, w_scale, u_w, STOCH_W), mask=mask)
-                if pid == 0:
-                    tl.store(w_scale_ptr, w_scale)
-            else:
-                tl.store(w_ptr + offs, w_new, mask=mask)
+            y = tl.where(_is_finite(x), _round_to_grid(x, u_v, 10, -14, 65504.0, True, False), float("nan"))
+        tl.store(v_fp16_ptr + offs, y.to(tl.float16), mask=mask)
+        r_stored = _div_by_scale(y, v_scale)
+        # q = m / r_stored: E4M3, saturating, non-finite -> NaN
+        q = _clamp(tl.where(r_stored > 0, tl.div_rn(m, r_stored), 0.0), bound_q)
+        x = q * m_scale
+        y = _round_to_grid(x, u_m, 3, -6, 448.0, True, STOCH_V)
+        y = tl.where(_is_finite(x), y, float("nan"))
+        y8 = y.to(tl.float8e4nv, fp_downcast_rounding="rtne")  # exact: y is on the grid
+        tl.store(m_fp8_ptr + offs, y8.to(tl.uint8, bitcast=True), mask=mask)
+        if MASTER:
+            w_scale = _master_scale(_amax_from(scratch_ptr, _W), _TARGET)
+            tl.store(w_ptr + offs, _encode_fp16_master(w_new, w_scale, u_w, STOCH_W), mask=mask)
             if pid == 0:
-                tl.store(v_scale_ptr, v_scale)
-                tl.store(m_scale_ptr, m_scale)
+                tl.store(w_scale_ptr, w_scale)
+        else:
+            tl.store(w_ptr + offs, w_new, mask=mask)
+        if pid == 0:
+            tl.store(v_scale_ptr, v_scale)
+            tl.store(m_scale_ptr, m_scale)
 
     @triton.jit
     def _master_amax_kernel(w_ptr, w_scale_ptr, scratch_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
@@ -524,7 +549,8 @@ def fused_step(p: torch.Tensor, state: dict, group: dict, scalars: tuple, seed: 
         return
     bound_q, bound_update = bounds
     tensors = (w, w_scale, g_data, g_scale, state["exp_avg"].view(torch.uint8), state["exp_avg_scale"],
-               state["exp_avg_sq"], state["exp_avg_sq_scale"], scratch, n, seed)
-    for pass2 in (False, True):
-        _fp8_state_kernel[grid](*tensors, **args, bound_q=bound_q, bound_update=bound_update, PASS2=pass2,
-                                STOCH_V=group["rounding"] == "stochastic", **flags, **options)
+               state["exp_avg_sq"], state["exp_avg_sq_scale"], scratch, n)
+    pass1_flags = {k: v for k, v in flags.items() if k not in ("CPU_ORDER", "STOCH_W")}
+    _fp8_state_amax_kernel[grid](*tensors, **args, bound_update=bound_update, **pass1_flags, **options)
+    _fp8_state_kernel[grid](*tensors, seed, **args, bound_q=bound_q, bound_update=bound_update,
+                            STOCH_V=group["rounding"] == "stochastic", **flags, **options)

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Issue 5, 2026-11-24 (eleventh session), the lent H100, from the repo root: `bash benchmarks/gpu_round14.sh [STAGE ...]`.
+# Stages: tests (GPU tests: $TESTS or the SwiGLU-cast, compile and activation files), bench (fp8lm bench step level
+# O0, O1, O2, torchao and the alternative rows, with the compiled-gradient check), profile (profile_step $LEVEL,
+# default O2), compare (fp8lm compare
+# gpt-125m on python-all, $LEVELS default O0,O2, 560 steps), gemm (fp8lm bench GEMM level). Carry .whl (torchao) for the torchao columns.
+set -o pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-runs/gpu_round14}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+stages=("$@"); [ ${#stages[@]} -eq 0 ] && stages=(tests)
+for stage in "${stages[@]}"; do
+  case $stage in
+    tests) timeout 300 python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_swiglu_cast.py \
+             tests/test_compile.py tests/test_activations.py} 2>&1 | tee "$OUT/tests.log" \
+             | grep -E "FAILED|passed|failed|Error" ;;
+    bench) timeout ${BENCH_TIMEOUT:-560} python3 -m fp8lm bench --compile on --recipe delayed --skip-gemm \
+             --levels ${LEVELS:-O0,O1,O2} --time-budget ${BENCH_BUDGET:-430} --out "$OUT/bench.json" 2>&1 \
+             | grep -v "^W[0-9]" | tee "$OUT/bench.txt" | tail -16 ;;
+    profile) timeout 280 python3 benchmarks/profile_step.py ${LEVEL:-O2} --recipe=delayed --rows=45 --width=200 2>&1 \
+               | grep -v "^W[0-9]" > "$OUT/profile.txt"; grep "^== " "$OUT/profile.txt" ;;
+    compare) timeout 570 python3 -m fp8lm compare --preset gpt-125m --levels ${LEVELS:-O0,O2} --device cuda \
+               --corpus python-all --steps ${STEPS:-560} --out "$OUT/cmp" --no-progress 2>&1 | grep -v "^W[0-9]" \
+               | tee "$OUT/compare.txt" | tail -12 ;;
+    gemm) timeout 300 python3 -m fp8lm bench --compile on --recipe delayed --skip-step --time-budget 240 \
+            --out "$OUT/gemm.json" 2>&1 | grep -v "^W[0-9]" | tee "$OUT/gemm.txt" | tail -12 ;;
+  esac
+done

@@ -2,7 +2,8 @@
 # Issue 5, 2026-11-24 (eleventh session), the lent H100, from the repo root: `bash benchmarks/gpu_round14.sh [STAGE ...]`.
 # Stages: tests (GPU tests: $TESTS or the SwiGLU-cast, compile and activation files), bench (fp8lm bench step level
 # O0, O1, O2, torchao and the alternative rows, with the compiled-gradient check), profile (profile_step $LEVEL,
-# default O2), compare (fp8lm compare
+# default O2), optimab (optim_bench.py's fused rows, runs/ab_old's fp8lm against this tree's, alternating
+# processes), compare (fp8lm compare
 # gpt-125m on python-all, $LEVELS default O0,O2, 560 steps), gemm (fp8lm bench GEMM level). Carry .whl (torchao) for the torchao columns.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -27,6 +28,11 @@ for stage in "${stages[@]}"; do
     compare) timeout 570 python3 -m fp8lm compare --preset gpt-125m --levels ${LEVELS:-O0,O2} --device cuda \
                --corpus python-all --steps ${STEPS:-560} --out "$OUT/cmp" --no-progress 2>&1 | grep -v "^W[0-9]" \
                | tee "$OUT/compare.txt" | tail -12 ;;
+    optimab) for i in 1 2 3; do for tree in old new; do  # runs/ab_old: another tree's fp8lm (carried)
+               if [ $tree = old ]; then path=$PWD/runs/ab_old; else path=$PWD; fi
+               echo "$tree $i: $(PYTHONPATH=$path${PYTHONPATH:+:$PYTHONPATH} timeout 120 python3 benchmarks/optim_bench.py \
+                 --rows "O1 fused,O2 fused" 2>&1 | grep -E "^(torch|O1|O2) fused " | tail -3 | tr -s ' ' | paste -sd,)"
+             done; done | tee "$OUT/optim_ab.txt" ;;
     gemm) timeout 300 python3 -m fp8lm bench --compile on --recipe delayed --skip-step --time-budget 240 \
             --out "$OUT/gemm.json" 2>&1 | grep -v "^W[0-9]" | tee "$OUT/gemm.txt" | tail -12 ;;
   esac

@@ -70,6 +70,8 @@ def main() -> int:
     parser.add_argument("--preset", default="llama-0.75b")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--rows", default=None, help="comma-separated rows to run (default: all); 'torch fused' "
+                        "always runs, as the ratio's base")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -80,6 +82,12 @@ def main() -> int:
         shapes, args.warmup, args.repeats = TINY_SHAPES, 1, 2
         print("optim_bench: no CUDA GPU, a tiny smoke run on the CPU")
     rows = ["torch fused", "O1 plain", "O1 fused", "O2 plain", "O2 fused"]
+    if args.rows:
+        wanted = {r.strip() for r in args.rows.split(",")}
+        unknown = wanted - set(rows)
+        if unknown:
+            raise SystemExit(f"optim_bench: unknown rows {sorted(unknown)}; allowed: {', '.join(rows)}")
+        rows = [r for r in rows if r == "torch fused" or r in wanted]
     if not fused_ok:
         rows = [r for r in rows if not r.endswith(" fused") or r == "torch fused"]
         print("optim_bench: Triton unavailable here: fused fp8lm rows skipped")

@@ -6,13 +6,18 @@ per pass instead of 15-40 small torch ops per parameter.
 
 Passes, per parameter (flattened, contiguous):
 
-* pass 1 (read-only; atomic max into ``scratch``, a float32[16] device buffer): recompute this
-  step's FP32 ``m``, ``v`` and, for the FP8 state, ``r = sqrt(v)`` and ``q = |m| / r`` (0 where
+* pass 1 (read-only; atomic max into ``scratch``, a float32[``SCRATCH_SLOTS``] device buffer): recompute
+  this step's FP32 ``m``, ``v`` and, for the FP8 state, ``r = sqrt(v)`` and ``q = |m| / r`` (0 where
   r == 0), and, for an FP16 ``ScaledTensor`` master, the new FP32 weight
-  ``w_new = w * (1 - lr * wd) - step_size * clamp(update)``. Reduce amax(r), amax(q), amax(|w_new|)
-  and one NaN flag per quantity (``tl.max`` is not specified on NaN, so NaN is counted apart and
-  the amax becomes NaN in pass 2, which is what ``torch.amax`` returns). Program 0 also copies the
-  old scales into ``scratch`` so pass 2 can overwrite the state's scales without a race.
+  ``w_new = w * (1 - lr * wd) - step_size * clamp(update)``. Reduce amax(r), amax(q), amax(|w_new|).
+  Each amax is an integer max of the float32 bits of ``|x|``, which order as the values do with NaN
+  above inf above every finite value, so a NaN makes the amax NaN, as ``torch.amax`` does (``tl.max``
+  of floats is not specified on NaN). Each program's block maximum goes into one of ``_SPREAD`` slots
+  (program id modulo ``_SPREAD``) with one atomic; readers take the max over the slots. On one slot
+  the atomics of a large tensor's programs queue behind each other: spread over 8, with the bits
+  replacing a second atomic for a NaN flag, the O2 step took 11.8-12.1 ms against 13.9-17.0 (llama-0.75b,
+  H100, ``benchmarks/RESULTS.md``). Program 0 also copies the old scales into ``scratch`` so pass 2
+  can overwrite the state's scales without a race.
 * pass 2: recompute the same values bit for bit (same code), compute the new scales on the
   device from ``scratch`` (no host sync), encode and store: FP16 ``r`` (``exp_avg_sq``), E4M3
   ``q = m / r_stored`` (``exp_avg``, ``r_stored`` the FP16 value just stored, decoded), the new
@@ -94,7 +99,8 @@ def fused_step_enabled() -> bool:
     """Whether ``AdamW(fused=None)`` takes the fused step on CUDA (``set_fused_step``)."""
     return _AUTO["on"]
 
-SCRATCH_SLOTS = 16  # float32 slots of device scratch per parameter (module docstring)
+_SPREAD = 8  # slots each amax is spread over: program i writes slot i % _SPREAD (module docstring)
+SCRATCH_SLOTS = 8 + 4 * _SPREAD  # float32 slots of device scratch per parameter (module docstring)
 _BLOCK = 2048
 _BLOCK_INTERPRET = 512
 _AMAX_ITERS = 16  # at most this many blocks per program of the master amax kernel
@@ -109,10 +115,12 @@ def _amax_iters(n: int, block: int) -> int:
     return iters
 
 if triton is not None:
-    # scratch slots: amax of r, q, w_new; +3: their NaN flags; +6: the old scale of each; 9 (+3: NaN flag):
-    # amax of the master's stored FP16 data after this step, 10: its new scale (read by the next step)
-    _R, _Q, _W, _OLD = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(6)
-    _NEXT_W, _NEXT_SCALE = tl.constexpr(9), tl.constexpr(10)
+    # amaxes (by index): r, q, w_new, and the master's stored FP16 data after this step (read by the next step)
+    _R, _Q, _W, _NEXT_W = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
+    # scratch slots: 3-5 the old scales of r, q, w (_OLD + index), 6 the master's new scale (read by the next
+    # step), from 8 on _SPREAD slots per amax index, holding the float32 bits of partial maxima (int32)
+    _OLD, _NEXT_SCALE, _AMAX = tl.constexpr(3), tl.constexpr(6), tl.constexpr(8)
+    _SPREAD_C = tl.constexpr(_SPREAD)
     _TARGET = tl.constexpr(FP16_AMAX_TARGET)
 
     # ---- element helpers ---------------------------------------------------------------------
@@ -182,19 +190,27 @@ if triton is not None:
         return y
 
     @triton.jit
-    def _amax_into(scratch_ptr, SLOT: tl.constexpr, x, mask):
-        """Atomic max of |x| (masked, NaN left out) into slot SLOT; NaN counted into SLOT + 3."""
-        a = tl.abs(x)
-        is_nan = (a != a) & mask
-        a = tl.where(mask & (a == a), a, 0.0)
-        tl.atomic_max(scratch_ptr + SLOT, tl.max(a, 0))
-        tl.atomic_max(scratch_ptr + SLOT + 3, tl.max(is_nan.to(tl.float32), 0))
+    def _abs_bits(x, mask):
+        """The bits of |x| as int32 (0 where masked): ordered as the values, NaN above inf above every finite."""
+        return tl.where(mask, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0)
 
     @triton.jit
-    def _amax_from(scratch_ptr, SLOT: tl.constexpr):
-        """The amax reduced into SLOT, NaN when a NaN was seen (as ``torch.amax``)."""
-        a = tl.load(scratch_ptr + SLOT)
-        return tl.where(tl.load(scratch_ptr + SLOT + 3) > 0, float("nan"), a)
+    def _bits_into(scratch_ptr, INDEX: tl.constexpr, bits):
+        """One atomic max of a block's largest ``_abs_bits`` into amax INDEX's slot for this program."""
+        slot = _AMAX + INDEX * _SPREAD_C + tl.program_id(0) % _SPREAD_C
+        tl.atomic_max(scratch_ptr.to(tl.pointer_type(tl.int32)) + slot, tl.max(bits, 0))
+
+    @triton.jit
+    def _amax_into(scratch_ptr, INDEX: tl.constexpr, x, mask):
+        """Atomic max of |x| (masked) into amax INDEX; NaN wins, as in ``torch.amax``."""
+        _bits_into(scratch_ptr, INDEX, _abs_bits(x, mask))
+
+    @triton.jit
+    def _amax_from(scratch_ptr, INDEX: tl.constexpr):
+        """Amax INDEX reduced over its slots (NaN when a NaN was seen, as ``torch.amax``)."""
+        slots = _AMAX + INDEX * _SPREAD_C + tl.arange(0, _SPREAD_C)
+        bits = tl.load(scratch_ptr.to(tl.pointer_type(tl.int32)) + slots)
+        return tl.max(bits, 0).to(tl.float32, bitcast=True)
 
     # ---- the step's arithmetic (the plain path's ops, in order) -------------------------------
 
@@ -373,19 +389,16 @@ if triton is not None:
 
     @triton.jit
     def _master_amax_kernel(w_ptr, w_scale_ptr, scratch_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
-        """The old master's amax of ``_data`` into slot _W (NaN counted apart); program 0 keeps the old scale.
-        Each program reduces ITERS blocks before its one atomic (one atomic per block serialized on the
-        slot: 1.3 TB/s on the H100)."""
+        """The old master's amax of ``_data`` into amax _W; program 0 keeps the old scale. Each program
+        reduces ITERS blocks before its one atomic (one atomic per block serialized on the slot: 1.3 TB/s
+        on the H100)."""
         pid = tl.program_id(0)
-        a = tl.zeros([BLOCK], tl.float32)
-        is_nan = tl.zeros([BLOCK], tl.int1)
+        bits = tl.zeros([BLOCK], tl.int32)
         for i in tl.static_range(ITERS):
             offs = (pid * ITERS + i) * BLOCK + tl.arange(0, BLOCK)
-            x = tl.abs(tl.load(w_ptr + offs, mask=offs < n, other=0.0).to(tl.float32))
-            is_nan = is_nan | (x != x)
-            a = tl.maximum(a, tl.where(x == x, x, 0.0))
-        tl.atomic_max(scratch_ptr + _W, tl.max(a, 0))
-        tl.atomic_max(scratch_ptr + _W + 3, tl.max(is_nan.to(tl.float32), 0))
+            mask = offs < n
+            bits = tl.maximum(bits, _abs_bits(tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32), mask))
+        _bits_into(scratch_ptr, _W, bits)
         if pid == 0:
             tl.store(scratch_ptr + _OLD + _W, tl.load(w_scale_ptr))
 

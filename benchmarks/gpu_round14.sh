@@ -3,8 +3,8 @@
 # Stages: tests (GPU tests: $TESTS or the SwiGLU-cast, compile and activation files), bench (fp8lm bench step level
 # O0, O1, O2, torchao and the alternative rows, with the compiled-gradient check), profile (profile_step $LEVEL,
 # default O2), optimab (optim_bench.py's fused rows, runs/ab_old's fp8lm against this tree's, alternating
-# processes), compare (fp8lm compare
-# gpt-125m on python-all, $LEVELS default O0,O2, 560 steps), gemm (fp8lm bench GEMM level). Carry .whl (torchao) for the torchao columns.
+# processes), compare (fp8lm compare of $PRESET, default gpt-125m, on python-all: $LEVELS default O0,O2, $STEPS
+# default 560, more flags in $COMPARE_ARGS), gemm (fp8lm bench GEMM level). Carry .whl (torchao) for torchao.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/gpu_round14}
@@ -25,8 +25,9 @@ for stage in "${stages[@]}"; do
              | grep -v "^W[0-9]" | tee "$OUT/bench.txt" | tail -16 ;;
     profile) timeout 280 python3 benchmarks/profile_step.py ${LEVEL:-O2} --recipe=delayed --rows=45 --width=200 2>&1 \
                | grep -v "^W[0-9]" > "$OUT/profile.txt"; grep "^== " "$OUT/profile.txt" ;;
-    compare) timeout 570 python3 -m fp8lm compare --preset gpt-125m --levels ${LEVELS:-O0,O2} --device cuda \
-               --corpus python-all --steps ${STEPS:-560} --out "$OUT/cmp" --no-progress 2>&1 | grep -v "^W[0-9]" \
+    compare) timeout 570 python3 -m fp8lm compare --preset ${PRESET:-gpt-125m} --levels ${LEVELS:-O0,O2} --device cuda \
+               --corpus python-all --steps ${STEPS:-560} ${COMPARE_ARGS:-} --out "$OUT/cmp" --no-progress 2>&1 \
+               | grep -v "^W[0-9]" \
                | tee "$OUT/compare.txt" | tail -12 ;;
     optimab) for i in 1 2 3; do for tree in old new; do  # runs/ab_old: another tree's fp8lm (carried)
                if [ $tree = old ]; then path=$PWD/runs/ab_old; else path=$PWD; fi

@@ -117,6 +117,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=positive_int, help="validate every N steps (default: the preset's)")
     p.add_argument("--eval-batches", type=positive_int, help="validation batches (default: the preset's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--compile", choices=["off", "on"], default="off",
+                   help="torch.compile each transformer block (default off; on: the fast path on GPUs, one "
+                        "process, after a compiled-gradient check)")
 
 
 def build_parser() -> ArgumentParser:
@@ -216,7 +219,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         eval_batches=args.eval_batches, metrics_out=getattr(args, "metrics_out", None),
         progress=not args.no_progress, inspect_every=getattr(args, "inspect_every", None),
         out_dir=getattr(args, "out_dir", None), save_every=getattr(args, "save_every", None),
-        resume=getattr(args, "resume", None), dp=getattr(args, "dp", None),
+        resume=getattr(args, "resume", None), dp=getattr(args, "dp", None), compile=args.compile == "on",
     )
 
 

@@ -104,6 +104,7 @@ class TrainConfig:
     progress: bool = True
     inspect_every: int | None = None  # log fp8lm.inspect figures every N steps (metrics["inspect"])
     dp: str | None = None  # "ddp" / "fsdp" (O0, O3): data parallel under torchrun (fp8lm.distributed); batch_size stays global
+    compile: bool = False  # torch.compile each transformer block (`compile_blocks`), as `fp8lm bench` does
 
 
 def resolve_device(device: str) -> str:
@@ -126,6 +127,9 @@ def check_config(cfg: TrainConfig) -> None:
     fp8dist.check_dp(cfg.dp, cfg.level)
     if cfg.dp is not None and cfg.inspect_every:
         raise ValueError("inspect_every is not supported with dp yet (its backward pass would synchronize)")
+    if cfg.compile and (cfg.dp is not None or cfg.inspect_every):
+        raise ValueError("compile runs in one process without inspect_every for now; drop --compile, or --dp / "
+                         "--inspect-every")
     if cfg.dp == "fsdp" and (cfg.out_dir or cfg.resume):
         raise ValueError("checkpoints are not supported with dp='fsdp' yet (sharded state); drop --out/--resume "
                          "or use dp='ddp'")
@@ -250,11 +254,14 @@ def train(cfg: TrainConfig) -> dict:
         val_batches = dist_launch.slice_batches(val_batches, rank, world)
     resume_meta = check_resume(cfg, corpus.fingerprint) if cfg.resume else None
 
+    check = compile_check(cfg) if cfg.compile else None  # before the model: it reseeds torch's RNG
     model = build_model(cfg, corpus.vocab_size)
     optimizer = build_optimizer(model, cfg)
     model, optimizer = fp8lm.initialize(model, optimizer, level=cfg.level, recipe=cfg.recipe,
                                         verbose=cfg.progress, fp8_activations=cfg.fp8_activations, dp=cfg.dp,
                                         optimizer_options={"master_rounding": cfg.master_rounding})
+    if cfg.compile:
+        compile_blocks(model)
     if cfg.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(cfg.device)
 
@@ -275,6 +282,8 @@ def train(cfg: TrainConfig) -> dict:
         "data_fingerprint": corpus.fingerprint, "torch_version": torch.__version__,
         "config": asdict(cfg), "wall_s": time.perf_counter() - t_start,
     }
+    if check is not None:
+        metrics["compile_check"] = check
     if own_group:
         # every rank past its last collective before any closes its connections: without the barrier
         # a gloo rank sometimes aborted at teardown ("terminate called without an active exception";
@@ -289,6 +298,27 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.metrics_out:
         write_json(metrics, cfg.metrics_out)
     return metrics
+
+
+def compile_check(cfg: TrainConfig) -> dict:
+    """``fp8lm.compile_check`` of one tiny block at ``cfg.level`` on ``cfg.device`` (compiled gradients against
+    eager's); prints its verdict, with a warning when they differ. Reseeds torch's global RNG."""
+    from fp8lm.compile_check import compiled_gradient_check
+    check = compiled_gradient_check(cfg.level, cfg.recipe, cfg.device)
+    check = {k: v for k, v in check.items() if k != "per_tensor"}
+    line = f"compiled blocks: gradient check at {cfg.level} {check['verdict']} (worst relative L2 {check['worst_rel_l2']:.2g})"
+    if check["verdict"] == "different":
+        line = "WARNING: " + line + "; compiled training may not compute what eager does (fp8lm.compile_check)"
+    if cfg.progress or check["verdict"] == "different":
+        print(line)
+    return check
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """``torch.compile`` each transformer block in place (``block.compile()``: ``state_dict`` keys unchanged),
+    the way ``fp8lm bench`` measures the compiled step."""
+    for block in model.layers:
+        block.compile()
 
 
 def setup_data_parallel(cfg: TrainConfig) -> tuple[TrainConfig, int, int, bool]:

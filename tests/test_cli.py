@@ -55,6 +55,13 @@ def test_compare_writes_json_and_png(text_file, tmp_path):
     assert "val gap vs O0" in proc.stdout and "(emulated)" in proc.stdout
 
 
+def test_compile_flag_reaches_the_config():
+    from fp8lm.cli import build_parser, config_from_args
+    for flag, value in (([], False), (["--compile", "off"], False), (["--compile", "on"], True)):
+        for command in ("train", "compare"):
+            assert config_from_args(build_parser().parse_args([command, *flag])).compile is value
+
+
 def bad_cases(tmp_path):
     """(arguments, a word the error line must contain) for every bad command line."""
     empty = tmp_path / "empty.txt"
@@ -70,6 +77,8 @@ def bad_cases(tmp_path):
         (["compare", "--levels", "O0,O9"], "level"),
         (["train", "--recipe", "sometimes"], "recipe"),
         (["train", "--device", "tpu"], "device"),
+        (["train", "--compile", "yes"], "compile"),
+        (["train", "--compile", "on", "--inspect-every", "5", "--device", "cpu"], "compile"),
         ([], "required"),
     ]
     if not torch.cuda.is_available():

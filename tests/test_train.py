@@ -85,6 +85,8 @@ def test_text_file_run_learns(text_file):
     (dict(device="tpu"), "unknown device"),
     (dict(batch_size=0), "batch_size must be a positive integer"),
     (dict(data="/no/such/path"), "does not exist"),
+    (dict(compile=True, inspect_every=2), "compile runs in one process without inspect_every"),
+    (dict(compile=True, level="O0", dp="ddp"), "compile runs in one process"),
 ])
 def test_bad_config(change, message):
     with pytest.raises(ValueError, match=message):
@@ -136,3 +138,20 @@ def test_non_finite_loss_skips_the_step():
     loss, applied = train_step(model, opt, OneBatch(), lr=0.1, grad_clip=1.0)
     assert math.isnan(loss) and not applied
     assert torch.equal(model.w.detach(), torch.ones(3)) and model.w.grad is None
+
+
+@pytest.mark.usefixtures("one_thread")  # conftest.py
+@pytest.mark.parametrize("level", ["O0", "O2"])
+def test_compiled_blocks_train_like_eager(text_file, level, capsys):
+    """``compile=True``: the gradient check runs first (verdict printed and stored), every block is compiled
+    (Dynamo captured graphs) and the losses follow eager's (Inductor's CPU code rounds differently in places)."""
+    from torch._dynamo.utils import counters
+    eager = train(small(text_file, level=level, steps=4))
+    counters.clear()
+    comp = train(small(text_file, level=level, steps=4, compile=True, progress=True))
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert comp["compile_check"]["verdict"] in ("same", "close") and comp["compile_check"]["level"] == level
+    assert f"gradient check at {level} {comp['compile_check']['verdict']}" in capsys.readouterr().out
+    assert comp["config"]["compile"] is True and "compile_check" not in eager
+    for a, b in zip(eager["loss_history"], comp["loss_history"]):
+        assert abs(a - b) <= 0.02 * abs(a), (eager["loss_history"], comp["loss_history"])

@@ -17,7 +17,9 @@ so the training trajectory does not depend on how often it is evaluated. With th
 two CPU runs produce bit-identical loss histories.
 
 Throughput (`tokens_per_s`) counts training steps only, from the second step on (the first
-pays one-off costs), without validation. On a CPU it measures emulation speed, not FP8 speed.
+pays one-off costs; with `compile`, from the fourth: the first steps compile the blocks, and
+delayed scaling recompiles them once its histories fill), without validation. On a CPU it
+measures emulation speed, not FP8 speed.
 
 Memory: right after backward, before the optimizer step, of the first step in which the
 optimizer holds its state (a fresh run's second step), `fp8lm.memory_report` measures weights,
@@ -70,6 +72,7 @@ PRESET_TRAINING = {
     "unit-125m": dict(batch_size=16, lr=0.5, warmup=200, eval_every=250, eval_batches=20),
 }
 DEVICES = ("auto", "cpu", "cuda")
+UNTIMED_STEPS = {False: 1, True: 3}  # first steps of a process left out of tokens_per_s: eager, compiled
 
 
 @dataclass
@@ -341,13 +344,14 @@ def run_loop(model, optimizer, sampler, val_batches, cfg: TrainConfig, state: di
 
     `state` is the loop state of a checkpoint (`resume_state`), None for a fresh run; `save(step,
     loop_state)` (`checkpoint_saver`) is called every `save_every` steps and after the last one.
-    Each process times its steps from its second one on (the first pays one-off costs).
+    Each process times its steps from its second one on, its fourth when compiled (`UNTIMED_STEPS`).
     """
     st = state or {"losses": [], "val_history": [(0, evaluate(model, val_batches))], "skipped": 0,
                    "train_s": 0.0, "eval_s": 0.0, "timed_steps": 0, "inspect": [], "inspect_s": 0.0}
     losses, val_history, skipped = list(st["losses"]), [tuple(v) for v in st["val_history"]], st["skipped"]
     train_s, eval_s, inspections, inspect_s = st["train_s"], st["eval_s"], list(st["inspect"]), st["inspect_s"]
     start, timed_steps, memory, save_s, saved = len(losses), st["timed_steps"], [], 0.0, []
+    untimed = min(UNTIMED_STEPS[cfg.compile], cfg.steps - start - 1)  # warm-up steps of this process
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress,
                desc=f"{cfg.preset} {cfg.level}", unit="step")
     for step in bar:
@@ -358,7 +362,7 @@ def run_loop(model, optimizer, sampler, val_batches, cfg: TrainConfig, state: di
         loss, ok = train_step(model, optimizer, sampler, lr_at(step, cfg), cfg.grad_clip, on_grads=on_grads)
         losses.append(loss)
         skipped += not ok
-        if step > start or cfg.steps == 1:
+        if step - start >= untimed:
             train_s += time.perf_counter() - t0
             timed_steps += 1
         done = step + 1

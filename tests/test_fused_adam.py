@@ -466,3 +466,59 @@ def test_gpu_fused_none_takes_the_fused_path_unless_switched_off():
     assert not opt_block._use_fused(p, opt_block.param_groups[0])
     with pytest.raises(ValueError, match="m_scaling"):
         AdamW([p], state="fp8", m_scaling="tensor", fused=True).step()
+
+
+# ---- found_inf: a step skipped on the device ----------------------------------------------------------
+
+
+def _found_inf_run(state, master, shape, device, fused, seed):
+    """Two optimizers from the same start: A steps g1, a NaN gradient flagged by found_inf=1, then g2; B steps
+    g1 and g2 without a flag. Round-to-nearest (no rounding seeds), so both must end bit-identical, step counts
+    included: the flagged step changed nothing and its count was taken back."""
+    torch.manual_seed(seed)
+    pa, oa = _make(state, master, shape, device, fused, "nearest")
+    pb, ob = _make(state, master, shape, device, fused, "nearest")
+    _copy_param(pb, pa)
+    g1, g2 = _grad(shape, device, 0), _grad(shape, device, 2)
+    zero, one = torch.zeros(1, device=device), torch.ones(1, device=device)
+    for p, o, plan in ((pa, oa, [(g1, zero), (g1 * float("nan"), one), (g2, zero)]), (pb, ob, [(g1, None), (g2, None)])):
+        for g, flag in plan:
+            _set_grad(p, g, master)
+            o.step(found_inf=flag)
+    return pa, oa, pb, ob
+
+
+def _assert_same(pa, oa, pb, ob):
+    assert torch.equal(_stored(pa).view(torch.uint8), _stored(pb).view(torch.uint8))
+    if isinstance(pa, ScaledTensor):
+        assert torch.equal(pa._scale, pb._scale)
+    sa, sb = oa.state_dict()["state"][0], ob.state_dict()["state"][0]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k].view(torch.uint8) if sa[k].dtype.itemsize == 1 else sa[k],
+                           sb[k].view(torch.uint8) if sb[k].dtype.itemsize == 1 else sb[k]), k
+
+
+@pytest.mark.parametrize("state,master", CONFIGS, ids=CONFIG_IDS)
+def test_found_inf_skips_the_step_plain(state, master, seed):
+    """The plain path reads found_inf on the host and changes nothing for a set flag."""
+    pa, oa, pb, ob = _found_inf_run(state, master, (37, 53), "cpu", False, seed)
+    _assert_same(pa, oa, pb, ob)
+    with pytest.raises(ValueError, match="one element"):
+        oa.step(found_inf=torch.zeros(2))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("state,master", CONFIGS, ids=CONFIG_IDS)
+def test_interpreter_found_inf_skips_on_the_device(state, master, seed):
+    """The fused kernels store nothing for a set flag; the step count is taken back at the next step."""
+    pa, oa, pb, ob = _found_inf_run(state, master, (37, 53), "cpu", True, seed)
+    _assert_same(pa, oa, pb, ob)
+
+
+@needs_triton
+@pytest.mark.parametrize("state,master", CONFIGS, ids=CONFIG_IDS)
+def test_gpu_found_inf_skips_on_the_device(state, master, seed):
+    pa, oa, pb, ob = _found_inf_run(state, master, (1000, 515), "cuda", True, seed)
+    _assert_same(pa, oa, pb, ob)
+    assert not oa._pending_skips  # state_dict() settled them

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fp8lm
-from fp8lm.train import TrainConfig, lr_at, resolve_config, train, train_step
+from fp8lm.train import TrainConfig, lr_at, resolve_config, step_unless, train, train_step, train_step_async
 
 REQUIRED = ("final_train_loss", "val_loss", "val_history", "tokens_per_s", "steps", "level", "recipe",
             "preset", "device", "peak_mem_bytes", "loss_history", "data_fingerprint", "num_params",
@@ -138,6 +138,42 @@ def test_non_finite_loss_skips_the_step():
     loss, applied = train_step(model, opt, OneBatch(), lr=0.1, grad_clip=1.0)
     assert math.isnan(loss) and not applied
     assert torch.equal(model.w.detach(), torch.ones(3)) and model.w.grad is None
+
+
+def test_async_step_skips_non_finite_on_the_device():
+    """``train_step_async`` reads nothing on the host: a NaN loss comes back as a tensor with found_inf 1,
+    the weights untouched and the gradients cleared."""
+    model = NaNModel()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    loss, found_inf = train_step_async(model, opt, OneBatch(), lr=0.1, grad_clip=1.0)
+    assert isinstance(loss, torch.Tensor) and loss.isnan() and found_inf.tolist() == [1.0]
+    assert torch.equal(model.w.detach(), torch.ones(3)) and model.w.grad is None
+
+
+OPTIMIZERS = {
+    "torch fused AdamW": lambda ps: torch.optim.AdamW(ps, lr=0.1, fused=True),  # found_inf on the device
+    "torch AdamW": lambda ps: torch.optim.AdamW(ps, lr=0.1),  # read on the host
+    "SGD": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    "fp8lm AdamW": lambda ps: fp8lm.optim.AdamW(ps, lr=0.1, state="fp8"),  # its plain path on the CPU
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_step_unless(name, seed):
+    """A flagged step changes nothing (weights, step counts); the next unflagged step equals the first step
+    of an optimizer that never saw the flag."""
+    w0, g = torch.randn(5, 7), torch.randn(5, 7)
+    pa, pb = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    oa, ob = OPTIMIZERS[name]([pa]), OPTIMIZERS[name]([pb])
+    pa.grad = g.clone()
+    step_unless(oa, torch.ones(1))
+    assert torch.equal(pa.detach(), w0)
+    for p, o in ((pa, oa), (pb, ob)):
+        p.grad = g.clone()
+        step_unless(o, torch.zeros(1))
+    assert torch.equal(pa.detach(), pb.detach()) and not torch.equal(pa.detach(), w0)
+    if "step" in ob.state[pb]:
+        assert float(oa.state[pa]["step"]) == float(ob.state[pb]["step"]) == 1.0
 
 
 @pytest.mark.usefixtures("one_thread")  # conftest.py

@@ -269,6 +269,26 @@ def _master_scale_from_bound(p, lr: float, wd: float, beta1: float, beta2: float
     return _pow2_scale(amax_old * decay_abs + lr_bound, FP16_AMAX_TARGET)
 
 
+class _PendingSkip:
+    """A device-side ``found_inf`` of one step, copied to the host without waiting; ``skipped()`` waits only
+    for that copy (recorded right after the step's kernels, long done by the next step on a busy GPU)."""
+
+    def __init__(self, flag: torch.Tensor, params: list):
+        self.params = params
+        if flag.is_cuda:
+            self.host = torch.empty(1, dtype=torch.float32, pin_memory=True)
+            self.host.copy_(flag, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+        else:
+            self.host, self.done = flag.clone(), None
+
+    def skipped(self) -> bool:
+        if self.done is not None:
+            self.done.synchronize()
+        return bool(self.host[0] != 0)
+
+
 # master -> (scratch of its last fused bounded step, its _master_key after that step). Keyed by the tensor,
 # not kept per optimizer, so a step by any optimizer is seen by all; weak, so it never keeps a master alive.
 _LAST_MASTER_STEP = WeakIdKeyDictionary()
@@ -333,6 +353,8 @@ class AdamW(torch.optim.Optimizer):
                         master_rounding=master_rounding, block_size=block_size, chunk_size=chunk_size)
         self._generator_seed = int(torch.initial_seed() if generator_seed is None else generator_seed)
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._pending_skips: list[_PendingSkip] = []  # step(found_inf=...) on the device, not yet read back
+        self._skip_flag: torch.Tensor | None = None  # that flag while a step runs
         super().__init__(params, defaults)
 
     # ---- construction ------------------------------------------------------------------
@@ -405,6 +427,7 @@ class AdamW(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict (the stored FP8/FP16 tensors, not widened) plus the generators' states."""
+        self._settle_skips()
         sd = super().state_dict()
         sd["generator_seed"] = self._generator_seed
         sd["generators"] = {str(dev): gen.get_state() for dev, gen in self._generators.items()}
@@ -439,18 +462,46 @@ class AdamW(torch.optim.Optimizer):
     # ---- the step -----------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self, closure=None):
-        """One optimizer step over every parameter with a gradient; returns the closure's loss."""
+    def step(self, closure=None, *, found_inf: torch.Tensor | None = None):
+        """One optimizer step over every parameter with a gradient; returns the closure's loss.
+
+        ``found_inf`` (a one-element tensor, e.g. "the loss or the gradient norm is not finite"): where it is
+        nonzero the step changes nothing. Where every parameter takes the fused step, the kernels read it on
+        the device, so the host does not wait for it; the step counts it advanced are taken back at the next
+        ``step`` or ``state_dict`` (a skipped step still draws its rounding seeds). Otherwise it is read here.
+        """
+        self._settle_skips()
         self._scratch_pool = {}  # the fused step's per-parameter amax buffers, zeroed once per step
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._step_param(p, group)
+        stepped = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if found_inf is not None:
+            if found_inf.numel() != 1:
+                raise ValueError(f"found_inf must have one element, got shape {tuple(found_inf.shape)}")
+            on_device = all(self._use_fused(p, group) for p, group in stepped)
+            if not on_device and bool(found_inf.reshape(()) != 0):  # read on the host
+                return loss
+            self._skip_flag = found_inf.reshape(1).float() if on_device else None
+        try:
+            for p, group in stepped:
+                self._step_param(p, group)
+        finally:
+            flag, self._skip_flag = getattr(self, "_skip_flag", None), None
+        if flag is not None and stepped:
+            self._pending_skips.append(_PendingSkip(flag, [p for p, _ in stepped]))
         return loss
+
+    def _settle_skips(self) -> None:
+        """Take back the step counts of earlier device-skipped steps (``step(found_inf=...)``) once their flag
+        is known; forget those masters' cached amax (their bytes are not the ones the kernels would have stored)."""
+        pending, self._pending_skips = getattr(self, "_pending_skips", []), []
+        for record in pending:
+            if record.skipped():
+                for p in record.params:
+                    self.state[p]["step"] -= 1
+                    _LAST_MASTER_STEP.pop(p, None)
 
     def _step_param(self, p: torch.Tensor, group: dict) -> None:
         """Step one parameter that has a gradient: the fused Triton step, else the FP32 or FP8 plain path."""
@@ -501,7 +552,8 @@ class AdamW(torch.optim.Optimizer):
         seed = int(torch.randint(0, 2**31 - 1, (), generator=self.generator_for("cpu")))
         scratch = self._scratch(p.device)
         prev = _last_master_step(p) if master_bound is not None else None
-        _fused.fused_step(p, state, group, scalars, seed, scratch, bounds, master_bound, prev)
+        _fused.fused_step(p, state, group, scalars, seed, scratch, bounds, master_bound, prev,
+                          skip=getattr(self, "_skip_flag", None))
         if master_bound is not None:
             _LAST_MASTER_STEP[p] = (scratch, _master_key(p))
 

@@ -338,7 +338,7 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["seed"])
     def _fp8_state_kernel(w_ptr, w_scale_ptr, g_ptr, g_scale_ptr, m_fp8_ptr, m_scale_ptr, v_fp16_ptr, v_scale_ptr,
-                          scratch_ptr, n, seed, decay, l2, lerp_w, beta2, one_minus_b2, neg_step_size, bc2, eps,
+                          scratch_ptr, skip_ptr, n, seed, decay, l2, lerp_w, beta2, one_minus_b2, neg_step_size, bc2, eps,
                           bound_q, bound_update, MASTER: tl.constexpr,
                           GRAD_SCALED: tl.constexpr, GRAD_E4M3: tl.constexpr, HAS_DECAY: tl.constexpr,
                           HAS_L2: tl.constexpr, LERP_SMALL: tl.constexpr, BC2_RECIP: tl.constexpr,
@@ -356,6 +356,8 @@ if triton is not None:
                                         m_scale_old, v_scale_old, decay, l2, lerp_w, beta2, one_minus_b2,
                                         neg_step_size, bc2, eps, bound_update, True, MASTER, GRAD_SCALED, GRAD_E4M3,
                                         HAS_DECAY, HAS_L2, LERP_SMALL, BC2_RECIP, BLOCK)
+        keep = tl.load(skip_ptr) == 0  # a found_inf flag (AdamW.step): nothing is stored when it is set
+        mask = mask & (tl.load(skip_ptr + offs * 0) == 0)  # (as a vector: the interpreter's & needs one)
         u_v, u_m, u_w, _ = tl.rand4x(seed, offs)
         v_scale = _scale_from_amax(_amax_from(scratch_ptr, _R), 65504.0)
         amax_q = _amax_from(scratch_ptr, _Q)
@@ -380,12 +382,14 @@ if triton is not None:
             w_scale = _master_scale(_amax_from(scratch_ptr, _W), _TARGET)
             tl.store(w_ptr + offs, _encode_fp16_master(w_new, w_scale, u_w, STOCH_W), mask=mask)
             if pid == 0:
-                tl.store(w_scale_ptr, w_scale)
+                if keep:
+                    tl.store(w_scale_ptr, w_scale)
         else:
             tl.store(w_ptr + offs, w_new, mask=mask)
         if pid == 0:
-            tl.store(v_scale_ptr, v_scale)
-            tl.store(m_scale_ptr, m_scale)
+            if keep:
+                tl.store(v_scale_ptr, v_scale)
+                tl.store(m_scale_ptr, m_scale)
 
     @triton.jit
     def _master_amax_kernel(w_ptr, w_scale_ptr, scratch_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
@@ -403,7 +407,7 @@ if triton is not None:
             tl.store(scratch_ptr + _OLD + _W, tl.load(w_scale_ptr))
 
     @triton.jit(do_not_specialize=["seed"])
-    def _fp32_state_kernel(w_ptr, w_scale_ptr, g_ptr, g_scale_ptr, m_ptr, v_ptr, scratch_ptr, prev_ptr, n, seed,
+    def _fp32_state_kernel(w_ptr, w_scale_ptr, g_ptr, g_scale_ptr, m_ptr, v_ptr, scratch_ptr, prev_ptr, skip_ptr, n, seed,
                            decay, l2, lerp_w, beta2, one_minus_b2, neg_step_size, bc2, eps, decay_abs, lr_bound,
                            PASS2: tl.constexpr, BOUND: tl.constexpr, CACHED: tl.constexpr,
                            MASTER: tl.constexpr, GRAD_SCALED: tl.constexpr, GRAD_E4M3: tl.constexpr,
@@ -434,6 +438,8 @@ if triton is not None:
             if pid == 0:
                 tl.store(scratch_ptr + _OLD + _W, w_scale_old)
         else:
+            keep = tl.load(skip_ptr) == 0  # a found_inf flag (AdamW.step): nothing is stored when it is set
+            mask = mask & (tl.load(skip_ptr + offs * 0) == 0)  # (as a vector: the interpreter's & needs one)
             tl.store(m_ptr + offs, m, mask=mask)
             tl.store(v_ptr + offs, v, mask=mask)
             if MASTER:
@@ -452,8 +458,9 @@ if triton is not None:
                 if BOUND:  # the next step's old amax, from the bytes just stored
                     _amax_into(scratch_ptr, _NEXT_W, w_fp16.to(tl.float32), mask)
                 if pid == 0:
-                    tl.store(w_scale_ptr, w_scale)
-                    tl.store(scratch_ptr + _NEXT_SCALE, w_scale)
+                    if keep:
+                        tl.store(w_scale_ptr, w_scale)
+                        tl.store(scratch_ptr + _NEXT_SCALE, w_scale)
             else:
                 tl.store(w_ptr + offs, w_new, mask=mask)
 
@@ -512,6 +519,18 @@ def _common_args(p, group: dict, lr: float, beta1: float, beta2: float, eps: flo
     return args, flags
 
 
+_NO_SKIP = {}  # device -> a zero flag, for steps without found_inf
+
+
+def _skip_flag(skip: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """``skip`` as a one-element float32 tensor on ``device``, or a cached zero."""
+    if skip is None:
+        if device not in _NO_SKIP:
+            _NO_SKIP[device] = torch.zeros(1, dtype=torch.float32, device=device)
+        return _NO_SKIP[device]
+    return skip.reshape(1).to(device=device, dtype=torch.float32)
+
+
 def _launch_options(p: torch.Tensor) -> tuple[int, dict]:
     if p.is_cuda:
         return _BLOCK, dict(num_warps=8, enable_fp_fusion=False)
@@ -520,7 +539,7 @@ def _launch_options(p: torch.Tensor) -> tuple[int, dict]:
 
 def fused_step(p: torch.Tensor, state: dict, group: dict, scalars: tuple, seed: int, scratch: torch.Tensor,
                bounds: tuple[float, float] | None = None, master_bound: tuple[float, float] | None = None,
-               prev: torch.Tensor | None = None) -> None:
+               prev: torch.Tensor | None = None, skip: torch.Tensor | None = None) -> None:
     """One fused AdamW step of ``p`` (state already initialized; ``step`` already advanced).
 
     ``scalars`` is ``_begin``'s (lr, beta1, beta2, eps, wd, step); ``scratch`` a zeroed float32
@@ -529,6 +548,8 @@ def fused_step(p: torch.Tensor, state: dict, group: dict, scalars: tuple, seed: 
     ``(|decay|, lr * bound)`` for an FP16 master (``adam.master_bound_args``; None: pass 1 instead).
     ``prev``: the scratch this master's previous bounded step used, when its data and scale are
     still the bytes that step stored (``AdamW`` checks): its amax and scale replace the amax kernel.
+    ``skip``: a one-element float32 device tensor (``found_inf``); where it is nonzero the kernels store
+    nothing (the parameter, its state and scales stay as they were) without the host reading it.
     """
     lr, beta1, beta2, eps, wd, step = scalars
     args, flags = _common_args(p, group, lr, beta1, beta2, eps, wd, step)
@@ -550,7 +571,7 @@ def fused_step(p: torch.Tensor, state: dict, group: dict, scalars: tuple, seed: 
         bound = master_bound if master else None
         cached = bound is not None and prev is not None
         tensors = (w, w_scale, g_data, g_scale, state["exp_avg"], state["exp_avg_sq"], scratch,
-                   prev if cached else scratch, n, seed)
+                   prev if cached else scratch, _skip_flag(skip, p.device), n, seed)
         decay_abs, lr_bound = bound or (1.0, 0.0)
         if bound is not None and not cached:  # the old amax (2 bytes per element) instead of pass 1 (11)
             iters = _amax_iters(n, block) if p.is_cuda else 1
@@ -565,5 +586,5 @@ def fused_step(p: torch.Tensor, state: dict, group: dict, scalars: tuple, seed: 
                state["exp_avg_sq"], state["exp_avg_sq_scale"], scratch, n)
     pass1_flags = {k: v for k, v in flags.items() if k not in ("CPU_ORDER", "STOCH_W")}
     _fp8_state_amax_kernel[grid](*tensors, **args, bound_update=bound_update, **pass1_flags, **options)
-    _fp8_state_kernel[grid](*tensors, seed, **args, bound_q=bound_q, bound_update=bound_update,
-                            STOCH_V=group["rounding"] == "stochastic", **flags, **options)
+    _fp8_state_kernel[grid](*tensors[:9], _skip_flag(skip, p.device), n, seed, **args, bound_q=bound_q,
+                            bound_update=bound_update, STOCH_V=group["rounding"] == "stochastic", **flags, **options)

@@ -560,8 +560,8 @@ def step_setup(cfg: BenchConfig, level: str, compiled: bool):
         torch._dynamo.reset()
     model, optimizer = _build(cfg, level)
     if compiled:
-        for block in model.layers:
-            block.compile()
+        from fp8lm.train import compile_blocks
+        compile_blocks(model)
     gen = torch.Generator(device=cfg.device).manual_seed(0)
     vocab = model.config.vocab_size
     x = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), device=cfg.device, generator=gen)  # (B, T)

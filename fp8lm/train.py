@@ -16,10 +16,10 @@ A step whose loss or gradient norm is not finite is skipped (gradients zeroed, c
 updates (every 10 steps), validation, checkpoints and the end, so the host issues the next step
 while the device runs this one; under data parallelism each step reads its global loss (`train_step`).
 On the H100 (llama-0.75b, compiled) that took the loop's O1 step from 131.7 to 115.8 ms, the bench's
-113.6 (`benchmarks/RESULTS.md`, eleventh session). Validation uses a fixed set of batches drawn once from the validation split,
-runs under `torch.no_grad()` in eval mode and touches neither the sampler nor the global RNG,
-so the training trajectory does not depend on how often it is evaluated. With the same config
-two CPU runs produce bit-identical loss histories.
+113.6 (`benchmarks/RESULTS.md`, eleventh session). Validation uses a fixed set of batches drawn once
+from the validation split, runs under `torch.no_grad()` in eval mode and touches neither the sampler
+nor the global RNG, so the training trajectory does not depend on how often it is evaluated. With the
+same config two CPU runs produce bit-identical loss histories.
 
 Throughput (`tokens_per_s`) counts training steps only, from the second step on (the first
 pays one-off costs; with `compile`, from the fourth: the first steps compile the blocks, and
@@ -314,7 +314,8 @@ def compile_check(cfg: TrainConfig) -> dict:
     from fp8lm.compile_check import compiled_gradient_check
     check = compiled_gradient_check(cfg.level, cfg.recipe, cfg.device)
     check = {k: v for k, v in check.items() if k != "per_tensor"}
-    line = f"compiled blocks: gradient check at {cfg.level} {check['verdict']} (worst relative L2 {check['worst_rel_l2']:.2g})"
+    line = (f"compiled blocks: gradient check at {cfg.level} {check['verdict']} "
+            f"(worst relative L2 {check['worst_rel_l2']:.2g})")
     if check["verdict"] == "different":
         line = "WARNING: " + line + "; compiled training may not compute what eager does (fp8lm.compile_check)"
     if cfg.progress or check["verdict"] == "different":

@@ -202,10 +202,6 @@ class _FP8SavedAttention(torch.autograd.Function):
         return vjp(grad_y)
 
 
-def _fp8_saved_attention(q, k, v):
-    return _FP8SavedAttention.apply(q, k, v)
-
-
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, save_fp8: bool = False) -> torch.Tensor:
     """Causal multi-head attention of (B, nh, T, hd) tensors (module docstring).
 
@@ -216,7 +212,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, save_fp8
         raise ValueError(f"causal_attention: q, k, v must share one (B, nh, T, hd) shape, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if save_fp8 and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _fp8_saved_attention(q, k, v)
+        return _FP8SavedAttention.apply(q, k, v)
     if v.device.type != "cpu":  # (the CPU path widens v to a new float32 tensor anyway)
         v = v.contiguous()
     return _sdpa(q, k, v)

@@ -338,8 +338,8 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["seed"])
     def _fp8_state_kernel(w_ptr, w_scale_ptr, g_ptr, g_scale_ptr, m_fp8_ptr, m_scale_ptr, v_fp16_ptr, v_scale_ptr,
-                          scratch_ptr, skip_ptr, n, seed, decay, l2, lerp_w, beta2, one_minus_b2, neg_step_size, bc2, eps,
-                          bound_q, bound_update, MASTER: tl.constexpr,
+                          scratch_ptr, skip_ptr, n, seed, decay, l2, lerp_w, beta2, one_minus_b2, neg_step_size, bc2,
+                          eps, bound_q, bound_update, MASTER: tl.constexpr,
                           GRAD_SCALED: tl.constexpr, GRAD_E4M3: tl.constexpr, HAS_DECAY: tl.constexpr,
                           HAS_L2: tl.constexpr, LERP_SMALL: tl.constexpr, BC2_RECIP: tl.constexpr,
                           CPU_ORDER: tl.constexpr, STOCH_V: tl.constexpr,
@@ -407,8 +407,8 @@ if triton is not None:
             tl.store(scratch_ptr + _OLD + _W, tl.load(w_scale_ptr))
 
     @triton.jit(do_not_specialize=["seed"])
-    def _fp32_state_kernel(w_ptr, w_scale_ptr, g_ptr, g_scale_ptr, m_ptr, v_ptr, scratch_ptr, prev_ptr, skip_ptr, n, seed,
-                           decay, l2, lerp_w, beta2, one_minus_b2, neg_step_size, bc2, eps, decay_abs, lr_bound,
+    def _fp32_state_kernel(w_ptr, w_scale_ptr, g_ptr, g_scale_ptr, m_ptr, v_ptr, scratch_ptr, prev_ptr, skip_ptr, n,
+                           seed, decay, l2, lerp_w, beta2, one_minus_b2, neg_step_size, bc2, eps, decay_abs, lr_bound,
                            PASS2: tl.constexpr, BOUND: tl.constexpr, CACHED: tl.constexpr,
                            MASTER: tl.constexpr, GRAD_SCALED: tl.constexpr, GRAD_E4M3: tl.constexpr,
                            HAS_DECAY: tl.constexpr, HAS_L2: tl.constexpr, LERP_SMALL: tl.constexpr,

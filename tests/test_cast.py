@@ -323,12 +323,16 @@ def test_interpreter_kernels_match_oracle(shape, dtype, seed):
                 assert a.isnan()
     w = _master(m, n, "cpu")  # an FP16 master's data divided by its scale inside the kernel
     scale = torch.tensor(3.0)
-    x_fp8, x_fp8_t, a = fused_cast(w._data, E4M3, scale, transpose=True, with_amax=True, backend="triton",
-                                   in_scale=w._scale)
-    ref = oracle(w.dequantize(), E4M3, scale)
-    _same_bits(x_fp8, ref)
-    _same_bits(x_fp8_t, ref.t().contiguous())
-    assert torch.equal(a, amax(w.dequantize()))
+    # the master's power of two (a multiply in the kernel), then scales the kernel divides by: not a power
+    # of two, a power of two whose reciprocal is not a normal float32, a subnormal one
+    for in_scale in (w._scale, w._scale * 3.0, torch.tensor(2.0 ** 127), torch.tensor(2.0 ** -127)):
+        x_fp8, x_fp8_t, a = fused_cast(w._data, E4M3, scale, transpose=True, with_amax=True, backend="triton",
+                                       in_scale=in_scale)
+        w_true = w._data.float() / in_scale
+        ref = oracle(w_true, E4M3, scale)
+        _same_bits(x_fp8, ref)
+        _same_bits(x_fp8_t, ref.t().contiguous())
+        assert torch.equal(a, amax(w_true))
     x_fin = torch.where(x.isfinite(), x, torch.ones_like(x))
     for t in (x_fin, x_fin.t()):
         assert torch.equal(fused_amax(t, backend="triton"), amax(t))

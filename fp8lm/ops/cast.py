@@ -46,7 +46,10 @@ _BLOCK_M, _BLOCK_N = 64, 64  # the amax kernel's tile
 # grad 16384x11264 / x 8192x8192 against 72 / 281 / 106 for the earlier 64 x 128 with 4 warps (a BF16 copy of
 # the same input: 48 / 247 / 93 us). A ScaledTensor's FP16 data (in_scale, the weights' casts): the copy
 # made from the bytes just stored (RELOAD) 85 / 123 us at 11264x2048 / 8192x8192 against 102 / 227 us with
-# the register transpose. Float32 inputs always reload (the Triton fault described in ``fused_cast``).
+# the register transpose; with ``_unscale``'s multiply in place of a division per element (twelfth session,
+# ``benchmarks/graph_probe.py cast``, kernel time from CUDA graph replays) 39 / 104 us against 44 / 116, and
+# still ahead of every register-transpose tile tried (40-90 / 105-208 us). Float32 inputs always reload (the
+# Triton fault described in ``fused_cast``).
 _CAST_CONFIG = {"16bit": (64, 256, 8, False), "in_scale": (64, 128, 8, True), "float32": (64, 128, 4, True)}
 _T_BLOCK = 128  # the byte transpose's square tile: 128-byte rows in and out
 
@@ -79,6 +82,20 @@ if triton is not None:
         return y8
 
     @triton.jit
+    def _unscale(x, s_in):
+        """``x / s_in`` rounded to nearest (``tl.div_rn``), as a multiply where that is the same number: for a
+        power-of-two ``s_in`` whose reciprocal is a normal float32 (every master weight's scale), ``1 / s_in``
+        is exact and so is ``x * (1 / s_in)``. A float32 division is a long instruction sequence; it made the
+        weights' casts compute-bound on the H100."""
+        bits = s_in.to(tl.int32, bitcast=True)
+        biased_exp = (bits >> 23) & 0xFF
+        if ((bits & 0x7FFFFF) == 0) & (biased_exp > 1) & (biased_exp < 253):
+            x = x * tl.div_rn(1.0, s_in)
+        else:
+            x = tl.div_rn(x, s_in)
+        return x
+
+    @triton.jit
     def _amax_kernel(x_ptr, partial_ptr, M, N, stride_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -98,7 +115,7 @@ if triton is not None:
         mask = (rm[:, None] < M) & (rn[None, :] < N)
         x = tl.load(x_ptr + rm[:, None] * stride_m + rn[None, :], mask=mask, other=0.0).to(tl.float32)
         if IN_SCALE:  # a ScaledTensor's _data: its true value first, as ``dequantize`` divides
-            x = tl.div_rn(x, tl.load(in_scale_ptr))
+            x = _unscale(x, tl.load(in_scale_ptr))
         y8 = _saturating_cast(x, tl.load(scale_ptr), FMT_MAX, E4M3)
         tl.store(out_ptr + rm[:, None] * N + rn[None, :], y8, mask=mask)
         if TRANSPOSE:

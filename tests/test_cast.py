@@ -15,7 +15,8 @@ import torch
 
 from conftest import INTERPRET, interpreter_fp8_cast, needs_interpreter, needs_triton, randn_heavy
 from fp8lm.formats import E4M3, E5M2, amax, quantize, scale_from_amax
-from fp8lm.ops.cast import cast_reference, fused_amax, fused_cast, triton_available
+from fp8lm.ops.cast import (cast_reference, encode_pow2, encode_pow2_reference, fused_amax, fused_cast,
+                            triton_available)
 
 SHAPES = [(37, 100), (1000, 515), (2048, 4096)]
 
@@ -287,6 +288,59 @@ def test_transpose_fp8_is_a_transposed_copy(shape, seed):
         transpose_fp8(torch.zeros(4, 4))
 
 
+def _guesses(right):
+    """Guessed scales for ``encode_pow2``: the right one (one pass), others (the second kernel must recast)."""
+    return [right, right * 2, right * 0.5, torch.ones_like(right), right * 3]
+
+
+@pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=["e4m3", "e5m2"])
+def test_encode_pow2_twin_is_scaled_tensor_from_hp(fmt, seed):
+    """The twin stores what ``ScaledTensor.from_hp`` stores (the plain weight-gradient encoding), for
+    heavy-tailed inputs, non-finite ones, all zeros and empty ones; the CPU path of ``encode_pow2`` is the twin."""
+    from fp8lm.tensor import ScaledTensor
+    cases = [_input(37, 100, torch.bfloat16, "cpu"), _plant_nonfinite(_input(20, 33, torch.bfloat16, "cpu")),
+             torch.zeros(8, 16, dtype=torch.bfloat16), _input(64, 48, torch.float32, "cpu") * 1e-30,
+             torch.zeros(0, 16, dtype=torch.bfloat16)]
+    for x in cases:
+        ref = ScaledTensor.from_hp(x, fmt.dtype)
+        for got in (encode_pow2_reference(x, fmt), encode_pow2(x, fmt, torch.tensor(4.0))):
+            _same_bits(got[0], ref._data)
+            assert got[1].shape == () and torch.equal(got[1], ref._scale)
+    with pytest.raises(ValueError, match="guess must have one element"):
+        encode_pow2(cases[0], fmt, torch.ones(2))
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", SHAPES + [(11264, 2048)])
+@pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=["e4m3", "e5m2"])
+def test_triton_encode_pow2_matches_twin(shape, fmt, seed):
+    """The one-pass encoding on the GPU: every byte and the scale of the twin, whether the guess was right
+    (one pass) or not (recast), eager and as the compiled operator; with non-finite inputs too."""
+    x = _input(*shape, torch.bfloat16, "cuda")
+    for x in (x, _plant_nonfinite(x.clone())):
+        ref = encode_pow2_reference(x, fmt)
+        compiled = torch.compile(lambda t, g: torch.ops.fp8lm.encode_pow2(t, g, fmt.name), fullgraph=True)
+        for guess in _guesses(ref[1]):
+            for got in (encode_pow2(x, fmt, guess, backend="triton"), compiled(x, guess)):
+                _same_bits(got[0], ref[0])
+                assert torch.equal(got[1], ref[1])
+
+
+@needs_interpreter
+def test_interpreter_encode_pow2(seed):
+    """``encode_pow2``'s two kernels under Triton's interpreter: a right guess leaves the first pass's bytes,
+    a wrong one is recast (the oracle casts under the same interpreter, see the test below)."""
+    x = _input(130, 65, torch.bfloat16, "cpu")
+    for fmt in (E4M3, E5M2):
+        scale = encode_pow2_reference(x, fmt)[1]
+        x_f32 = x.float()
+        ref = interpreter_fp8_cast((x_f32 * scale).clamp(-fmt.max, fmt.max) + (x_f32 - x_f32), fmt)
+        for guess in _guesses(scale):
+            x_fp8, got_scale = encode_pow2(x, fmt, guess, backend="triton")
+            _same_bits(x_fp8, ref)
+            assert torch.equal(got_scale, scale)
+
+
 @needs_interpreter
 def test_interpreter_transpose_kernel(seed):
     """The byte-transpose kernel under Triton's interpreter: tiles, edges and masks at odd sizes."""
@@ -340,6 +394,61 @@ def test_interpreter_kernels_match_oracle(shape, dtype, seed):
     x_fin[m // 2, n // 2] = float("-inf")
     assert fused_amax(x_fin, backend="triton") == float("inf")
     assert fused_amax(x, backend="triton").isnan()
+
+
+def _wgrad_runs(device, monkeypatch, fusable, compiled, steps=4):
+    """Weight gradients (data, scale) and the layer's guess buffer over ``steps`` O1 backward passes (FP16
+    master), with ``_encode_wgrad`` taking encode_pow2 (``fusable`` True) or ``ScaledTensor.from_hp`` (False)."""
+    from torch import nn
+
+    import fp8lm.nn.linear as linear_mod
+    from fp8lm.scaling import Recipe
+    torch.manual_seed(0)
+    layer = linear_mod.Float8Linear.from_linear(nn.Linear(200, 96, device=device), Recipe(scaling="delayed"),
+                                                master="fp16")
+    call = torch.compile(layer, backend="aot_eager" if device == "cpu" else "inductor") if compiled else layer
+    outs = []
+    with monkeypatch.context() as mp:
+        mp.setattr(linear_mod, "_fusable", lambda t: fusable)
+        for step in range(steps):
+            x = randn_heavy(3, 50, 200, dist="student_t").to(device, torch.bfloat16).requires_grad_()
+            g = randn_heavy(3, 50, 96, dist="student_t").to(device, torch.bfloat16) * 1e-3 * 4.0 ** step
+            gw = torch.autograd.grad(call(x), layer.weight, g)[0]  # (step: the scale moves by powers of two)
+            outs.append((gw._data.clone(), gw._scale.clone(), layer.fp8_wgrad_scale.clone()))
+    return outs
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_wgrad_encoding_wiring_on_cpu(monkeypatch, compiled, seed):
+    """Float8Linear's weight gradient through ``encode_pow2`` (the twin stands in for the kernels on a CPU;
+    compiled: the operator ``fp8lm::encode_pow2``) is ``ScaledTensor.from_hp``'s, and ``fp8_wgrad_scale``
+    follows each gradient's scale (the next guess)."""
+    torch._dynamo.reset()
+    plain = _wgrad_runs("cpu", monkeypatch, False, compiled)
+    torch._dynamo.reset()
+    fused = _wgrad_runs("cpu", monkeypatch, True, compiled)
+    torch._dynamo.reset()
+    assert len({float(s) for _, s, _ in plain}) > 1  # the scale moved between steps
+    for (d0, s0, g0), (d1, s1, g1) in zip(plain, fused):
+        _same_bits(d0, d1)
+        assert torch.equal(s0, s1) and torch.equal(g1, s1)
+        assert float(g0) == 1.0  # the plain path leaves the guess alone
+
+
+@needs_triton
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_triton_wgrad_encoding_is_from_hp(monkeypatch, compiled, seed):
+    """On the GPU the layer's one-pass weight-gradient encoding (Inductor-compiled too) gives
+    ``ScaledTensor.from_hp``'s bytes and scale at every step, the scale moving between steps."""
+    torch._dynamo.reset()
+    plain = _wgrad_runs("cuda", monkeypatch, False, compiled)
+    torch._dynamo.reset()
+    fused = _wgrad_runs("cuda", monkeypatch, True, compiled)
+    torch._dynamo.reset()
+    assert len({float(s) for _, s, _ in plain}) > 1
+    for (d0, s0, _), (d1, s1, g1) in zip(plain, fused):
+        _same_bits(d0, d1)
+        assert torch.equal(s0, s1) and torch.equal(g1, s1)
 
 
 def test_set_fused_cast_modes():

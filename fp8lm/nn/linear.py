@@ -57,8 +57,8 @@ BF16 then FP8), its amax feeds the history as usual (a first delayed step or cur
 amax-only pass first). Measured on the H100: 2.9 ms per llama-0.75b O1 step (``benchmarks/RESULTS.md``,
 fifth session of 2026-11-23).
 
-Scaling state lives in non-persistent buffers (``fp8_amax_history``, ``fp8_last_scale``): it moves
-with ``.to()`` but stays out of ``state_dict`` so converted and plain models share checkpoint keys.
+Scaling state lives in non-persistent buffers (``fp8_amax_history``, ``fp8_last_scale``, ``fp8_wgrad_scale``): it
+moves with ``.to()`` but stays out of ``state_dict`` so converted and plain models share checkpoint keys.
 
 FP16 master weights and FP8 weight gradients (levels O1/O2: ``from_linear(..., master="fp16")``)
 ----------------------------------------------------------------------------------------------
@@ -70,7 +70,8 @@ buffer inside the cast, as for any weight); its amax is ``amax(_data) / _scale``
 weight-gradient GEMM writes BF16 (float32 accumulation, 8 significant bits out), which lives only
 inside backward: it is cast at once to FP8 with a power-of-two scale from its own amax and returned
 as a ``ScaledTensor`` (1 byte per parameter + a 4-byte scale), which autograd stores in
-``weight.grad``. BF16 rather than float32 halves the bytes the GEMM writes and the amax and cast
+``weight.grad``. On CUDA that encoding reads the BF16 gradient once, not twice, on every step where its
+power-of-two scale equals the step before's (``fp8lm.ops.cast.encode_pow2``; the same bits either way). BF16 rather than float32 halves the bytes the GEMM writes and the amax and cast
 read (measured on the H100, ``benchmarks/kernel_sweep.py``: 87 us less per llama-0.75b layer for
 GEMM + encoding); rounding twice (BF16, then E4M3 or E5M2) moves a value by at most 2^-9 of itself
 beyond the FP8 rounding, against FP8's own 2^-4 (E4M3) or 2^-3 (E5M2).
@@ -97,7 +98,7 @@ from torch import nn
 
 from fp8lm.formats import FORMATS, Format, amax, quantize, scale_from_amax
 from fp8lm.nn.activations import quantize_rows, swiglu_reference
-from fp8lm.ops.cast import fused_amax, fused_cast, transpose_fp8, triton_available
+from fp8lm.ops.cast import encode_pow2, fused_amax, fused_cast, transpose_fp8, triton_available
 from fp8lm.ops.gemm import fp8_mm
 from fp8lm.ops.swiglu import swiglu_backward_cast, swiglu_grad_amax
 from fp8lm.scaling import Recipe, compute_scale, static_scale, update_history
@@ -242,6 +243,8 @@ class Float8Linear(nn.Linear):
         dev = self.weight.device
         self.register_buffer("fp8_amax_history", torch.zeros(3, recipe.history_len, device=dev), persistent=False)
         self.register_buffer("fp8_last_scale", torch.ones(3, device=dev), persistent=False)
+        # the scale of the last FP8 weight gradient (FP16 masters): the next one's first guess (_encode_wgrad)
+        self.register_buffer("fp8_wgrad_scale", torch.ones((), device=dev), persistent=False)
 
     def extra_repr(self) -> str:
         r = self.recipe
@@ -440,10 +443,26 @@ class _Float8LinearFn(torch.autograd.Function):
             out_w = torch.bfloat16 if ctx.scaled_w else ctx.w_dtype  # BF16 when it is cast to FP8 next
             grad_w = fp8_mm(g_t, g_inv, x_fp8, x_scale.reciprocal(), out_w, emulate)  # (N, K)
             if ctx.scaled_w:  # FP8 storage with a scale from this output's amax (1 byte per parameter)
-                grad_w = ScaledTensor.from_hp(grad_w, FORMATS[layer.wgrad_format].dtype)
+                grad_w = _encode_wgrad(layer, grad_w)
         if ctx.needs_input_grad[2]:
             grad_b = g2d.float().sum(0).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+def _encode_wgrad(layer: Float8Linear, grad_w: torch.Tensor) -> ScaledTensor:
+    """``ScaledTensor.from_hp(grad_w, wgrad format)``: the same bits, on CUDA with Triton in one pass over
+    ``grad_w`` whenever its power-of-two scale is the one of the layer's previous weight gradient
+    (``fp8lm.ops.cast.encode_pow2``; ``fp8_wgrad_scale`` keeps that scale on the device)."""
+    fmt = layer.wgrad_format
+    if not _fusable(grad_w):
+        return ScaledTensor.from_hp(grad_w, FORMATS[fmt].dtype)
+    guess = layer.fp8_wgrad_scale
+    if torch.compiler.is_compiling():
+        data, scale = torch.ops.fp8lm.encode_pow2(grad_w, guess, fmt)
+    else:
+        data, scale = encode_pow2(grad_w, fmt, guess)
+    guess.copy_(scale)
+    return ScaledTensor(data, scale)
 
 
 def _swiglu_grad_cast(layer: Float8Linear, saved: list, da: torch.Tensor, update: bool, ready: bool):

@@ -23,6 +23,13 @@ Bytes per element of a BF16 input (the floor is memory bandwidth; no arithmetic 
   the cast: one extra read-only pass (2 bytes), 6 in all; the partial amaxes (one float32 per
   tile) are reduced by ``torch.amax`` (which propagates NaN like ``formats.amax``).
 
+An FP8 weight gradient (``encode_pow2``) is stored with a power-of-two scale from its own amax, which
+plain code finds in two passes (amax, then cast: read 2 + 2 bytes, write 1). Here the cast runs first
+with a guessed scale (the layer's scale of the step before) and measures the amax in the same pass; the
+scale that amax gives is then compared with the guess on the device, and a second kernel casts again
+only where they differ (its programs do nothing otherwise). The result is always the plain code's;
+the second read happens only on the steps where the scale moves to another power of two.
+
 ``backend="auto"`` takes Triton for CUDA tensors when Triton imports, the twin otherwise (CPUs: the
 twin is the CPU path and the GPU test's oracle, ``tests/test_cast.py``). ``backend="triton"`` on a
 CPU tensor runs the kernels in Triton's interpreter when ``TRITON_INTERPRET=1`` (a debugging aid).
@@ -33,10 +40,10 @@ import os
 
 import torch
 
-from fp8lm.formats import Format, amax, get_format, quantize
+from fp8lm.formats import Format, amax, get_format, quantize, scale_from_amax
 
 __all__ = ["fused_amax", "fused_cast", "cast_transpose_amax", "cast_reference", "transpose_fp8", "triton_available",
-           "BACKENDS"]
+           "encode_pow2", "encode_pow2_reference", "encode_pow2_op", "BACKENDS"]
 
 BACKENDS = ("auto", "triton", "torch")
 _BLOCK_M, _BLOCK_N = 64, 64  # the amax kernel's tile
@@ -133,6 +140,20 @@ if triton is not None:
         if AMAX:
             tl.store(partial_ptr + pid_m * tl.num_programs(1) + pid_n, _tile_amax(x))
 
+
+    @triton.jit
+    def _recast_kernel(x_ptr, scale_ptr, used_ptr, out_ptr, M, N, stride_m, FMT_MAX: tl.constexpr,
+                       E4M3: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """``out`` = the cast of ``x`` with ``scale``, written only if ``out`` was cast with another scale
+        (``used``); otherwise every program ends after two scalar loads."""
+        scale = tl.load(scale_ptr)
+        if scale != tl.load(used_ptr):
+            pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+            rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask = (rm[:, None] < M) & (rn[None, :] < N)
+            x = tl.load(x_ptr + rm[:, None] * stride_m + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + rm[:, None] * N + rn[None, :], _saturating_cast(x, scale, FMT_MAX, E4M3), mask=mask)
 
     @triton.jit
     def _transpose_kernel(x_ptr, out_ptr, M, N, BLOCK: tl.constexpr):
@@ -254,6 +275,36 @@ def fused_cast(x_hp: torch.Tensor, fmt: Format | str, scale: torch.Tensor, trans
     return x_fp8, x_fp8_t, (partial.amax() if with_amax else None)
 
 
+def encode_pow2_reference(x_hp: torch.Tensor, fmt: Format | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain-torch twin of ``encode_pow2``: ``(x_fp8, scale)`` with the power-of-two scale of ``x_hp``'s
+    amax (``scale_from_amax(amax, fmt, pow2=True)``), as ``ScaledTensor.from_hp(x_hp, fmt.dtype)`` stores it."""
+    fmt = get_format(fmt)
+    scale = scale_from_amax(amax(x_hp), fmt, pow2=True)
+    return quantize(x_hp, fmt, scale), scale
+
+
+def encode_pow2(x_hp: torch.Tensor, fmt: Format | str, guess: torch.Tensor,
+                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """``encode_pow2_reference(x_hp, fmt)`` (the same bits) in one pass over ``x_hp`` when ``guess`` (a
+    one-element float32 tensor) is the scale it comes to, two otherwise (module docstring). The caller
+    keeps the returned scale as the next call's guess. No host synchronization either way."""
+    fmt = get_format(fmt)
+    x_hp = _check_2d(x_hp)
+    if guess.numel() != 1:
+        raise ValueError(f"guess must have one element, got shape {tuple(guess.shape)}")
+    if not _use_triton(x_hp, backend) or x_hp.numel() == 0:
+        return encode_pow2_reference(x_hp, fmt)
+    used = guess.reshape(1).float()
+    x_fp8, _, a = fused_cast(x_hp, fmt, used, with_amax=True, backend=backend)
+    scale = scale_from_amax(a, fmt, pow2=True)
+    m, n = x_hp.shape
+    block_m, block_n, options, _ = _cast_config(x_hp, None)
+    _launch(_recast_kernel)[_grid(m, n, block_m, block_n)](
+        x_hp, scale.reshape(1), used, x_fp8, m, n, x_hp.stride(0), FMT_MAX=fmt.max, E4M3=fmt.name == "e4m3",
+        BLOCK_M=block_m, BLOCK_N=block_n, **options)
+    return x_fp8, scale
+
+
 def _operator(name: str, fake):
     """Register the decorated function as the torch operator ``name`` (schema from its annotations).
 
@@ -289,6 +340,17 @@ def cast_transpose_amax(x_hp: torch.Tensor, scale: torch.Tensor, fmt: str,
     ``(x_fp8, x_fp8_t, amax)``.
     """
     return fused_cast(x_hp, fmt, scale, transpose=True, with_amax=True, in_scale=in_scale)
+
+
+def _fake_encode_pow2(x_hp, guess, fmt):
+    return x_hp.new_empty(x_hp.shape, dtype=get_format(fmt).dtype), x_hp.new_empty((), dtype=torch.float32)
+
+
+@_operator("fp8lm::encode_pow2", _fake_encode_pow2)
+def encode_pow2_op(x_hp: torch.Tensor, guess: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``encode_pow2(x_hp, fmt, guess)`` as one torch operator (how compiled code calls it: the kernels are
+    launched from Inductor's code, never re-fused)."""
+    return encode_pow2(x_hp, fmt, guess)
 
 
 def _fake_transpose_fp8(x_fp8):

@@ -24,7 +24,6 @@ from torch.profiler import ProfilerActivity, profile
 
 from fp8lm.bench import _fp8_layer, _fwd_bwd, _torchao_layer, _with_fused_cast, time_interleaved, time_ms, \
     torchao_version
-from fp8lm.bench import _graphed as graphed
 from fp8lm.formats import E4M3, amax, scale_from_amax
 from fp8lm.ops import cast as cast_mod
 from fp8lm.scaling import get_recipe
@@ -85,6 +84,28 @@ def stage_cast():
     print("\n== the weights' cast (FP16 data, in_scale, E4M3 + transposed copy + amax), us, TB/s by bytes moved")
     for shape, label, ms, tbs, same in rows:
         print(f"{shape:>11} {label:<28} {ms * 1e3:8.1f} us {tbs:6.2f} TB/s  {same}")
+
+
+def graphed(fn):
+    """``fn``'s work captured once in a CUDA graph (after warm-up on a side stream); returns its replay.
+
+    Every graph here is captured on PyTorch's default capture stream, as in the runs of ``77_`` and ``82_``.
+    Graphs captured on one stream share that stream's cuBLAS workspace (pytorch/pytorch#193402: destroying
+    one can leave another pointing at freed memory); ``fp8lm bench`` with such columns hit an illegal memory
+    access in its 8192^3 row after the graphs of an earlier shape were freed (``86_``), which is why the bench
+    has no CUDA-graph columns. This probe resets Dynamo and frees nothing between graphs of one shape."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return graph.replay
 
 
 def variants(m, k, n):

@@ -37,10 +37,6 @@ same for every column, and ratios are taken inside the run.
   - ``fp8 triton compiled``: compiled with every cast fused (the operator ``fp8lm::cast_transpose_amax``);
   - ``torchao`` / ``torchao compiled``: torchao's float8 ``tensorwise`` layer, only if ``torchao``
     is importable: optional columns, never a dependency;
-  - ``bf16 graphed`` / ``fp8 triton graphed`` (CUDA, compiled phase): ``bf16`` and ``fp8 triton compiled`` with
-    their whole call (forward and ``autograd.grad``) captured once in a CUDA graph (``torch.cuda.CUDAGraph``,
-    after warm-up) and replayed: the GPU's work of the same kernels with no host work per call but the
-    replay, as inside a model whose GPU queue never runs dry. ``fp8 triton graphed``'s ratio is to ``bf16 graphed``;
   - ``scaled_mm only``: the three ``torch._scaled_mm`` calls on operands already quantized and laid
     out (E4M3 x E4M3, E5M2 x E4M3 twice) against the three BF16 ``mm`` calls: the ceiling that
     quantization overhead eats into.
@@ -111,8 +107,7 @@ SMOKE_GEMM_SHAPES = ((256, 128, 384), (256, 384, 128))
 COMPILE_MODES = ("off", "on", "both")
 BENCH_LEVELS = ("O0", "O1", "O2")  # the single-process levels (O3 needs torch.distributed)
 GEMM_VARIANTS = ("bf16", "fp8", "fp8 triton", "fp8 compiled", "fp8 triton compiled", "torchao", "torchao compiled",
-                 "bf16 graphed", "fp8 triton graphed", "bf16 mm only", "scaled_mm only")
-GRAPHED = " graphed"  # the suffix of the CUDA-graph columns (the FP8 one's ratio is to "bf16 graphed")
+                 "bf16 mm only", "scaled_mm only")
 
 
 @dataclass
@@ -292,27 +287,6 @@ def _fwd_bwd(layer: nn.Module, x_hp: torch.Tensor, grad_out_hp: torch.Tensor):
     return call
 
 
-def _graphed(fn):
-    """`fn` captured once in a CUDA graph (after 3 warm-up calls on a side stream, as CUDA graph capture
-    needs); returns a closure that replays it and returns the outputs of the captured call (the same
-    tensors every time, overwritten by each replay)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-
-    def replay():
-        graph.replay()
-        return out
-    return replay
-
-
 def _scaled_mm_only(m: int, k: int, n: int, device: str):
     """Closures for the three FP8 GEMMs on ready operands and the three BF16 GEMMs (the ceiling)."""
     from fp8lm.formats import E4M3, E5M2, quantize_dynamic
@@ -377,10 +351,6 @@ def _gemm_closures(m: int, k: int, n: int, cfg: BenchConfig, phase: str, ao: boo
         if ao:
             makers["torchao compiled"] = lambda: _fwd_bwd(torch.compile(_torchao_layer(k, n, device)),
                                                           x_hp, grad_out_hp)
-        if "fp8 triton compiled" in makers:  # CUDA graphs of the BF16 layer and of the best FP8 one
-            makers["bf16 graphed"] = lambda: _graphed(
-                _fwd_bwd(nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16), x_hp, grad_out_hp))
-            makers["fp8 triton graphed"] = lambda: _graphed(makers["fp8 triton compiled"]())
         return makers
     makers = {
         "bf16": lambda: _fwd_bwd(nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16), x_hp, grad_out_hp),
@@ -446,11 +416,10 @@ def bench_gemm(cfg: BenchConfig, budget: _Budget) -> list[dict]:
 
 
 def _gemm_ratios(variants: dict) -> None:
-    """Each timed GEMM-level variant's `ratio`: its baseline's ms over its own. The baseline is `bf16`; for
-    the FP8 CUDA-graph columns `bf16 graphed`; for `scaled_mm only` the bare BF16 GEMMs (`bf16 mm only`)."""
+    """Each timed GEMM-level variant's `ratio`: its baseline's ms over its own. The baseline is `bf16`, for
+    `scaled_mm only` the bare BF16 GEMMs (`bf16 mm only`)."""
     for name, v in variants.items():
-        graphed_fp8 = name.endswith(GRAPHED) and name != "bf16" + GRAPHED
-        base = "bf16 mm only" if name == "scaled_mm only" else "bf16" + GRAPHED if graphed_fp8 else "bf16"
+        base = "bf16 mm only" if name == "scaled_mm only" else "bf16"
         ref = variants.get(base, {}).get("ms")
         if v.get("ms") and ref:
             v["ratio"] = ref / v["ms"]
@@ -814,8 +783,7 @@ def format_tables(result: dict) -> str:
     if result["gemm"]:
         names = [n for n in GEMM_VARIANTS if any(n in r["variants"] for r in result["gemm"])]
         lines += ["", "GEMM level: one linear, forward + backward (3 GEMMs, 6MKN FLOPs), quantization included;"
-                  " TFLOP/s (ratio to bf16; 'fp8 triton graphed': to bf16 graphed; 'scaled_mm only': to 3 bare"
-                  " BF16 mm)",
+                  " TFLOP/s (ratio to bf16; 'scaled_mm only': to 3 bare BF16 mm)",
                   f"{'M x K->N':<20}" + "".join(f"{n:>20}" for n in names)]
         for r in result["gemm"]:
             cells = []

@@ -16,11 +16,9 @@ import importlib.util
 import os
 import statistics
 import sys
-from collections import defaultdict
 
 import torch
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
 from fp8lm.bench import _fp8_layer, _fwd_bwd, _torchao_layer, _with_fused_cast, time_interleaved, time_ms, \
     torchao_version
@@ -28,6 +26,9 @@ from fp8lm.formats import E4M3, amax, scale_from_amax
 from fp8lm.ops import cast as cast_mod
 from fp8lm.scaling import get_recipe
 from fp8lm.tensor import ScaledTensor
+
+sys.path.insert(0, os.path.dirname(__file__))
+from layer_probe import kernels  # noqa: E402  (the layer's CUDA kernels over 5 profiled calls)
 
 CONFIGS = [(64, 128, 8, True), (64, 256, 8, False), (64, 128, 8, False), (128, 128, 8, False), (64, 256, 4, False),
            (32, 256, 4, False), (128, 256, 8, False)]
@@ -125,22 +126,6 @@ def variants(m, k, n):
     return fns
 
 
-def kernels(fn, calls=5):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    total, count = defaultdict(float), defaultdict(int)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            total[e.name] += e.device_time / calls
-            count[e.name] += 1
-    return sorted(((t, count[nm] / calls, nm) for nm, t in total.items()), reverse=True)
-
-
 def stage_layer(shapes):
     summary = []
     for m, k, n in shapes:
@@ -152,7 +137,7 @@ def stage_layer(shapes):
         torch.cuda.synchronize()
         times = time_interleaved(fns, 12, 3, "cuda")
         med = {name: statistics.median(ts) for name, ts in times.items()}
-        ks = kernels(fns["fp8 triton compiled"])
+        ks, _ = kernels(fns["fp8 triton compiled"])
         print(f"\n== {m} x {k}->{n} fp8 triton compiled: kernels {sum(t for t, _, _ in ks) / 1e3:.3f} ms per call, "
               f"median {med['fp8 triton compiled']:.3f}, graphed {med.get('fp8 triton compiled graphed', 0):.3f}")
         for t, c, nm in ks[:16]:

@@ -57,8 +57,9 @@ BF16 then FP8), its amax feeds the history as usual (a first delayed step or cur
 amax-only pass first). Measured on the H100: 2.9 ms per llama-0.75b O1 step (``benchmarks/RESULTS.md``,
 fifth session of 2026-11-23).
 
-Scaling state lives in non-persistent buffers (``fp8_amax_history``, ``fp8_last_scale``, ``fp8_wgrad_scale``): it
-moves with ``.to()`` but stays out of ``state_dict`` so converted and plain models share checkpoint keys.
+Scaling state lives in non-persistent buffers (``fp8_amax_history``, ``fp8_last_scale``,
+``fp8_wgrad_scale``): it moves with ``.to()`` but stays out of ``state_dict`` so converted and plain
+models share checkpoint keys.
 
 FP16 master weights and FP8 weight gradients (levels O1/O2: ``from_linear(..., master="fp16")``)
 ----------------------------------------------------------------------------------------------
@@ -71,10 +72,11 @@ weight-gradient GEMM writes BF16 (float32 accumulation, 8 significant bits out),
 inside backward: it is cast at once to FP8 with a power-of-two scale from its own amax and returned
 as a ``ScaledTensor`` (1 byte per parameter + a 4-byte scale), which autograd stores in
 ``weight.grad``. On CUDA that encoding reads the BF16 gradient once, not twice, on every step where its
-power-of-two scale equals the step before's (``fp8lm.ops.cast.encode_pow2``; the same bits either way). BF16 rather than float32 halves the bytes the GEMM writes and the amax and cast
-read (measured on the H100, ``benchmarks/kernel_sweep.py``: 87 us less per llama-0.75b layer for
-GEMM + encoding); rounding twice (BF16, then E4M3 or E5M2) moves a value by at most 2^-9 of itself
-beyond the FP8 rounding, against FP8's own 2^-4 (E4M3) or 2^-3 (E5M2).
+power-of-two scale equals the step before's (``fp8lm.ops.cast.encode_pow2``; the same bits either way).
+BF16 rather than float32 halves the bytes the GEMM writes and the amax and cast read (measured on the
+H100, ``benchmarks/kernel_sweep.py``: 87 us less per llama-0.75b layer for GEMM + encoding); rounding
+twice (BF16, then E4M3 or E5M2) moves a value by at most 2^-9 of itself beyond the FP8 rounding, against
+FP8's own 2^-4 (E4M3) or 2^-3 (E5M2).
 
 Stored gradient format: ``wgrad_format`` (default ``"e4m3"``), measured with
 ``benchmarks/o1_numerics.py`` (numbers in ``benchmarks/RESULTS.md``). On the 16 FP8 layers' weight

@@ -153,7 +153,8 @@ if triton is not None:
             rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             mask = (rm[:, None] < M) & (rn[None, :] < N)
             x = tl.load(x_ptr + rm[:, None] * stride_m + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-            tl.store(out_ptr + rm[:, None] * N + rn[None, :], _saturating_cast(x, scale, FMT_MAX, E4M3), mask=mask)
+            y8 = _saturating_cast(x, scale, FMT_MAX, E4M3)
+            tl.store(out_ptr + rm[:, None] * N + rn[None, :], y8, mask=mask)
 
     @triton.jit
     def _transpose_kernel(x_ptr, out_ptr, M, N, BLOCK: tl.constexpr):

@@ -8,7 +8,8 @@ What makes a resumed run bit-identical to one that never stopped: every bit that
 reads is stored as it is, never re-rounded.
 
 * ``model.safetensors``: every parameter and every buffer, persistent or not (FP8 scaling state
-  such as ``fp8_amax_history`` / ``fp8_last_scale`` is a non-persistent buffer), in its stored
+  such as ``fp8_amax_history`` / ``fp8_last_scale`` is a non-persistent buffer; a buffer that only
+  saves time, ``fp8lm.nn.linear.HINT_BUFFERS``, may be absent from an older checkpoint), in its stored
   dtype. A tensor subclass that keeps its value in inner tensors (``fp8lm.tensor.ScaledTensor``:
   FP16 ``_data`` + FP32 ``_scale``) is stored as those inner tensors, under ``NAME::INNER``, and
   loaded by copying them back into the model's own inner tensors (no dequantize/requantize).
@@ -59,6 +60,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from fp8lm.nn.linear import HINT_BUFFERS
 
 __all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_info", "latest_checkpoint",
            "resolve_checkpoint", "checkpoint_dir", "export_weights", "FORMAT_VERSION"]
@@ -376,10 +379,16 @@ def check_compatible(meta: dict, model: nn.Module, optimizer=None) -> None:
         raise ValueError(f"checkpoint '{meta['path']}' does not match: {shown}")
 
 
+def _hint(name: str) -> bool:
+    """Whether the model tensor ``name`` is a buffer that only saves time (``fp8lm.nn.linear.HINT_BUFFERS``):
+    a checkpoint written before such a buffer existed lacks it and loads all the same."""
+    return name.rpartition(".")[2] in HINT_BUFFERS
+
+
 def _tensor_differences(saved: dict, model: nn.Module) -> list[str]:
     persistent = set(_state_dict_names(model).values())
     here = {n: _manifest_entry(t, n in persistent) for n, t in _model_entries(model).items()}
-    diffs = [f"tensor {n} missing from the checkpoint" for n in here if n not in saved]
+    diffs = [f"tensor {n} missing from the checkpoint" for n in here if n not in saved and not _hint(n)]
     diffs += [f"tensor {n} not in the model" for n in saved if n not in here]
     for name in (n for n in here if n in saved):
         for key in ("kind", "shape", "dtype", "inner"):
@@ -402,6 +411,8 @@ def _load_model_tensors(folder: Path, model: nn.Module, manifest: dict) -> None:
         raise ValueError(f"cannot read '{folder / MODEL_FILE}': {err}") from None
     with torch.no_grad():
         for name, t in _model_entries(model).items():
+            if _hint(name) and name not in saved:
+                continue  # a time-saving buffer the checkpoint predates: the model keeps its own value
             targets = {f"{name}{INNER_SEP}{n}": x for n, x in _inner(t).items()} if _is_scaled(t) else {name: t}
             for key, x in targets.items():
                 if key not in saved:

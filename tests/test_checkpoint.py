@@ -239,6 +239,37 @@ def test_corrupt_checkpoint_is_refused(saved_o1, damage, message):
     assert_same_tensors(before, model_tensors(model))  # nothing was loaded
 
 
+def test_checkpoint_without_hint_buffers_loads(saved_o1, tmp_path):
+    """A checkpoint written before a time-saving buffer existed (``fp8_wgrad_scale``: its entries removed from the
+    manifest and the tensor file) loads, the model keeping its own value there and every other tensor the
+    checkpoint's; any other missing buffer is still refused."""
+    from safetensors.torch import save_file
+    path, model, opt = saved_o1
+    old = tmp_path / "old"
+    shutil.copytree(path, old)
+    meta = json.loads((old / ckpt.META_FILE).read_text())
+    hints = [n for n in meta["tensors"] if n.endswith(".fp8_wgrad_scale")]
+    assert hints  # every FP8 linear has one
+    tensors = load_file(str(old / ckpt.MODEL_FILE))
+    for name in hints:
+        del meta["tensors"][name]
+        del tensors[name]
+    save_file(tensors, str(old / ckpt.MODEL_FILE))
+    (old / ckpt.META_FILE).write_text(json.dumps(meta))
+    fresh, fresh_opt = make("O1", seed=123)
+    mine = {n: b.clone() for n, b in fresh.named_buffers() if n.endswith(".fp8_wgrad_scale")}
+    load_checkpoint(old, fresh, fresh_opt, verify=False)
+    kept = {n: b for n, b in fresh.named_buffers() if n.endswith(".fp8_wgrad_scale")}
+    assert all(torch.equal(kept[n], mine[n]) for n in mine)
+    expected = {k: v for k, v in model_tensors(model).items() if k not in hints}
+    assert_same_tensors({k: v for k, v in model_tensors(fresh).items() if k not in hints}, expected)
+    other = next(n for n in meta["tensors"] if n.endswith(".fp8_last_scale"))
+    del meta["tensors"][other]
+    (old / ckpt.META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="fp8_last_scale missing from the checkpoint"):
+        load_checkpoint(old, fresh, fresh_opt, verify=False)
+
+
 def test_truncated_file_without_verification_still_a_value_error(saved_o1):
     path = Path(saved_o1[0])
     data = (path / "model.safetensors").read_bytes()

@@ -106,9 +106,11 @@ from fp8lm.ops.swiglu import swiglu_backward_cast, swiglu_grad_amax
 from fp8lm.scaling import Recipe, compute_scale, static_scale, update_history
 from fp8lm.tensor import ScaledTensor
 
-__all__ = ["Float8Linear", "set_fused_cast", "set_fused_swiglu", "ACTIVATIONS"]
+__all__ = ["Float8Linear", "set_fused_cast", "set_fused_swiglu", "ACTIVATIONS", "HINT_BUFFERS"]
 
 _X, _W, _G = 0, 1, 2  # rows of the scaling-state buffers
+# buffers that only save time: no result depends on their values (a checkpoint without them still loads)
+HINT_BUFFERS = ("fp8_wgrad_scale",)
 MASTERS = ("fp32", "fp16")
 WGRAD_FORMATS = tuple(FORMATS)
 DEFAULT_WGRAD_FORMAT = "e4m3"  # storage of FP8 weight gradients (module docstring: measured)

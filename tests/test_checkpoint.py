@@ -316,7 +316,9 @@ def test_export_loads_into_plain_model_with_close_logits(saved_o1, tmp_path, see
     with torch.no_grad():
         logits_plain, logits_ref, logits_trained = plain(x), ref(x), model(x).float()
     assert sqnr_db(logits_ref, logits_plain) > 40  # BF16 rounding of the weights only
-    assert sqnr_db(logits_trained, logits_plain) > 25  # the trained model runs FP8 GEMMs
+    # the trained model runs FP8 GEMMs: over 300 seeds this SQNR was 22.0-34.3 dB (median 29.6); the earlier
+    # bar of 25 dB failed 4 of them (a fresh-clone run in the twelfth session hit 24.99); a wrong export is near 0
+    assert sqnr_db(logits_trained, logits_plain) > 20
 
 
 # --------------------------------------------------------- training resume

@@ -134,8 +134,11 @@ def fp8_mm(a_fp8, a_inv_scale, b_fp8, b_inv_scale, out_dtype, emulate: bool = Fa
     if emulate or not fp8_gemm_supported(a_fp8.device):
         if not emulate and not torch.compiler.is_compiling():  # (a traced warning breaks the graph)
             _warn_emulation(str(a_fp8.device))
-        out = a_fp8.to(torch.bfloat16).float() @ b_fp8.to(torch.bfloat16).float()
-        return (out * (a_inv_scale * b_inv_scale)).to(out_dtype)
+        # autocast would run this float32 product in BF16: compiled, a layer's backward is traced under the
+        # autocast that was on around its forward (eager runs it after the autocast region, in float32)
+        with torch.autocast(a_fp8.device.type, enabled=False):
+            out = a_fp8.to(torch.bfloat16).float() @ b_fp8.to(torch.bfloat16).float()
+            return (out * (a_inv_scale * b_inv_scale)).to(out_dtype)
     k16, n16 = _round16(k), _round16(n)
     a = _pad_cols(a_fp8 if a_fp8.stride(1) == 1 else a_fp8.contiguous(), k16)
     b_t = b_fp8.t()  # (N, K), made row-major so that b = b_t.t() is column-major

@@ -92,7 +92,6 @@ def test_o2_block_compiles_with_fp8_saved_activations():
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
-
 @pytest.mark.parametrize("emulate", [True, False])
 def test_compiled_layer_gradients_equal_eager_under_autocast(emulate):
     """One FP8 layer run under BF16 autocast, its backward after the autocast region (as training does):
